@@ -1,0 +1,165 @@
+"""Reading safetensors files lazily (memory-mapped), telling which model a file holds, loading into meta modules."""
+import json
+import os
+import struct
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from .ops import FP8_DTYPES, Linear
+
+_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}  # fmt: skip
+_MAX_HEADER = 100 * 2**20
+
+
+class CheckpointError(ValueError):
+    """A weight file that cannot be used as asked; the message names the file, the problem and the fix."""
+
+
+def read_header(path: str | os.PathLike) -> tuple[dict, int]:
+    """The safetensors JSON header (without __metadata__) and the byte offset where tensor data starts."""
+    path = Path(path)
+    name = path.name
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if head[:2] == b"PK" or head[:1] == b"\x80":
+            raise CheckpointError(
+                f"{name} is a pickle (.ckpt/.pt/.bin) checkpoint; pickles can run code when loaded and are refused. "
+                "Use the .safetensors release of this model, or convert it with a trusted tool."
+            )
+        if len(head) < 8:
+            raise CheckpointError(f"{name} is not a safetensors file (only {size} bytes)")
+        (header_len,) = struct.unpack("<Q", head)
+        if header_len > min(_MAX_HEADER, size - 8):
+            raise CheckpointError(
+                f"{name} is not a safetensors file or is truncated (header says {header_len} bytes, file has {size})"
+            )
+        try:
+            header = json.loads(f.read(header_len))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise CheckpointError(f"{name} is not a safetensors file (unreadable header: {err})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{name} is not a safetensors file (header is not a JSON object)")
+    header.pop("__metadata__", None)
+    data_start = 8 + header_len
+    data_end = max((int(info["data_offsets"][1]) for info in header.values()), default=0)
+    if data_start + data_end > size:
+        raise CheckpointError(
+            f"{name} is truncated: its tensors need {data_start + data_end} bytes but the file has {size}. "
+            "Download it again."
+        )
+    return header, data_start
+
+
+def load_safetensors(path: str | os.PathLike) -> dict[str, Tensor]:
+    """All tensors of a file as views of one private memory map: nothing is read until it is used."""
+    header, data_start = read_header(path)
+    size = Path(path).stat().st_size
+    storage = torch.UntypedStorage.from_file(os.fspath(path), shared=False, nbytes=size)
+    raw = torch.empty(0, dtype=torch.uint8).set_(storage, 0, (size,))
+    tensors = {}
+    for key, info in header.items():
+        if info["dtype"] not in _DTYPES:
+            raise CheckpointError(f"{Path(path).name}: tensor {key} has unsupported dtype {info['dtype']}")
+        dtype = _DTYPES[info["dtype"]]
+        begin, end = (data_start + int(o) for o in info["data_offsets"])
+        chunk = raw[begin:end]
+        if begin % dtype.itemsize:  # a misaligned tensor cannot be viewed in place
+            chunk = chunk.clone()
+        tensors[key] = chunk.view(dtype).reshape(info["shape"])
+    return tensors
+
+
+# What a file holds, told by one key each (after a known prefix is removed).
+_SIGNATURES = [
+    ("flux", "double_blocks.0.img_attn.norm.key_norm.scale"),
+    ("flux-diffusers", "transformer_blocks.0.attn.norm_added_k.weight"),
+    ("ae", "decoder.up.0.block.0.conv1.weight"),
+    ("ae-diffusers", "decoder.up_blocks.0.resnets.0.conv1.weight"),
+    ("clip_l", "text_model.encoder.layers.0.mlp.fc1.weight"),
+    ("t5", "encoder.block.0.layer.0.SelfAttention.q.weight"),
+]
+KIND_NAMES = {
+    "flux": "a Flux transformer (BFL layout)",
+    "flux-diffusers": "a Flux transformer (diffusers layout)",
+    "ae": "a Flux VAE / autoencoder",
+    "ae-diffusers": "a VAE (diffusers layout)",
+    "clip_l": "a CLIP text encoder",
+    "t5": "a T5 text encoder",
+    "lora": "a LoRA",
+    "checkpoint": "an all-in-one checkpoint (model + VAE + text encoders)",
+}
+KIND_LOADERS = {
+    "flux": "the diffusion model loader (models/diffusion_models)",
+    "flux-diffusers": "the diffusion model loader (models/diffusion_models)",
+    "ae": "the VAE loader (models/vae)",
+    "ae-diffusers": "the VAE loader (models/vae)",
+    "clip_l": "the text encoder loader (models/text_encoders)",
+    "t5": "the text encoder loader (models/text_encoders)",
+    "lora": "a LoRA loader (models/loras)",
+}
+KNOWN_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "transformer.", "vae.", "first_stage_model.")
+
+
+def identify(keys) -> str:
+    """Which model a state dict holds: a key of KIND_NAMES, or "unknown"."""
+    keys = set(keys)
+    if any(".lora_A." in k or ".lora_down." in k or k.startswith("lora_unet_") for k in keys):
+        return "lora"
+    for kind, signature in _SIGNATURES:
+        if signature in keys or any(k.endswith("." + signature) for k in keys):
+            return kind
+    return "unknown"
+
+
+def wrong_file_error(path, found: str, wanted: str) -> CheckpointError:
+    """The error for a file of one kind handed to the loader of another."""
+    what = KIND_NAMES.get(found, "not a model this pack knows (no Flux, VAE, CLIP, T5 or LoRA keys)")
+    advice = f" Load it with {KIND_LOADERS[found]}." if found in KIND_LOADERS else ""
+    return CheckpointError(f"{Path(path).name} is {what}, not {wanted}.{advice}")
+
+
+def strip_prefix(state_dict: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    """The entries under `prefix`, renamed without it."""
+    return {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
+
+
+def _summary(names: list[str], limit: int = 5) -> str:
+    shown = ", ".join(names[:limit])
+    return f"{len(names)} ({shown}{', ...' if len(names) > limit else ''})"
+
+
+def load_weights(
+    module: nn.Module, state_dict: dict[str, Tensor], dtype: torch.dtype, source: str, keep_fp8: bool = True
+) -> None:
+    """Assign `state_dict` into a module built on the meta device: no random init, no second copy.
+
+    Tensors are cast to `dtype` except fp8 Linear weights, which stay fp8 when `keep_fp8` (upcast per call).
+    Missing or unexpected keys and shape mismatches raise with the names; `source` names the file.
+    """
+    expected = module.state_dict(keep_vars=True)
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    if missing or unexpected:
+        parts = [f"{what} keys: {_summary(keys)}" for what, keys in (("missing", missing), ("unexpected", unexpected)) if keys]
+        raise CheckpointError(f"{source} does not match the model: " + "; ".join(parts))
+    linear_weights = {f"{n}.weight" for n, m in module.named_modules() if isinstance(m, Linear)}
+    ready = {}
+    for key, target in expected.items():
+        tensor = state_dict[key]
+        if tensor.shape != target.shape:
+            raise CheckpointError(
+                f"{source}: {key} has shape {tuple(tensor.shape)} but the model expects {tuple(target.shape)}"
+            )
+        keep = keep_fp8 and tensor.dtype in FP8_DTYPES and key in linear_weights
+        ready[key] = tensor if keep or tensor.dtype == dtype else tensor.to(dtype)
+    module.load_state_dict(ready, assign=True)
