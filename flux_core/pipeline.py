@@ -1,0 +1,123 @@
+"""Text in, image out: conditioning -> Euler sampling of packed latents -> decode. No ComfyUI here.
+
+Latents here are the autoencoder's *scaled* latents (BFL convention); ComfyUI's LATENT holds raw ones, convert with
+`latent_from_raw` / `latent_to_raw`.
+"""
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .model import Flux
+from .sampling import (
+    FlowMatch,
+    check_image_size,
+    check_latent,
+    image_ids,
+    pack,
+    text_ids,
+    unpack,
+)
+
+LATENT_SCALE, LATENT_SHIFT = 0.3611, 0.1159
+
+
+def latent_from_raw(raw: Tensor) -> Tensor:
+    """ComfyUI's raw AE latent -> the scaled latent the transformer works on."""
+    return (raw - LATENT_SHIFT) * LATENT_SCALE
+
+
+def latent_to_raw(latent: Tensor) -> Tensor:
+    return latent / LATENT_SCALE + LATENT_SHIFT
+
+
+@dataclass
+class Conditioning:
+    """What the transformer is conditioned on: T5 tokens and the CLIP pooled vector."""
+
+    txt: Tensor  # (B, Lt, context_in_dim)
+    y: Tensor | None = None  # (B, vec_in_dim)
+
+    def repeat_to(self, batch: int) -> "Conditioning":
+        """Broadcast a single prompt over a batch of latents."""
+        if self.txt.shape[0] == batch:
+            return self
+        if self.txt.shape[0] != 1:
+            raise ValueError(f"conditioning has batch {self.txt.shape[0]} but the latent has batch {batch}")
+        return Conditioning(self.txt.expand(batch, -1, -1), None if self.y is None else self.y.expand(batch, -1))
+
+
+def seeded_noise(shape: tuple[int, ...], seed: int) -> Tensor:
+    """float32 CPU noise, item i drawn from seed + i: a batch equals its items generated one by one."""
+    return torch.stack([torch.randn(shape[1:], generator=torch.Generator("cpu").manual_seed(seed + i)) for i in range(shape[0])])
+
+
+def sample(
+    model: Flux,
+    positive: Conditioning,
+    latent: Tensor,  # (B, 16, H/8, W/8) scaled start latent (zeros for text-to-image)
+    seed: int,
+    steps: int,
+    guidance: float = 3.5,
+    cfg: float = 1.0,
+    negative: Conditioning | None = None,
+    denoise: float = 1.0,
+    flow: FlowMatch | None = None,
+    noise: Tensor | None = None,
+    callback: Callable[[int, int, Tensor], None] | None = None,
+) -> Tensor:
+    """Euler sampling from `latent` noised to the schedule's first time; returns the scaled latent (B, 16, h, w).
+
+    Guidance-distilled models (dev) get `guidance` as an input; `cfg` > 1 adds true classifier-free guidance with
+    `negative` (both passes in one batched forward). `flow` defaults to a shifted schedule for guidance-distilled
+    models and the linear one otherwise (schnell), as the reference.
+    """
+    check_latent(latent, channels=model.out_channels // 4)
+    if cfg > 1 and negative is None:
+        raise ValueError(f"cfg {cfg} > 1 needs a negative prompt; connect one or set cfg to 1")
+    batch, _, height, width = latent.shape
+    device, dtype = next(model.parameters()).device, model.compute_dtype
+    flow = flow or FlowMatch(shift=model.params.guidance_embed)
+    timesteps = flow.partial_schedule(steps, (height // 2) * (width // 2), denoise)
+
+    noise = seeded_noise(tuple(latent.shape), seed) if noise is None else noise
+    x = pack(flow.noised(latent.float(), noise, torch.full((batch,), timesteps[0]))).to(device)  # (B, L, 64)
+
+    conds = [positive.repeat_to(batch)] + ([negative.repeat_to(batch)] if cfg > 1 else [])
+    copies = len(conds)
+    if copies == 2 and positive.txt.shape[1] != negative.txt.shape[1]:
+        raise ValueError("positive and negative prompts must be encoded to the same token length for cfg")
+    txt = torch.cat([c.txt for c in conds]).to(device, dtype)
+    y = None if positive.y is None else torch.cat([c.y for c in conds]).to(device, dtype)
+    img_ids_ = image_ids(height, width).to(device)
+    txt_ids_ = text_ids(txt.shape[1]).to(device)
+    guidance_vec = torch.full((batch * copies,), guidance, device=device) if model.params.guidance_embed else None
+
+    def velocity(x: Tensor, t: float) -> Tensor:
+        t_vec = torch.full((batch * copies,), t, device=device)  # float32 time, as ComfyUI
+        v = model(x if copies == 1 else x.repeat(copies, 1, 1), img_ids_, txt, txt_ids_, t_vec, y=y, guidance=guidance_vec).float()
+        if copies == 1:
+            return v
+        pos, neg = v.chunk(2)
+        return neg + cfg * (pos - neg)
+
+    with torch.inference_mode():
+        x = flow.euler(velocity, x, timesteps, callback)
+    return unpack(x.cpu(), height, width)
+
+
+def empty_latent(width: int, height: int, batch: int = 1) -> Tensor:
+    """Scaled zero-information start latent for text-to-image."""
+    check_image_size(width, height)
+    return latent_from_raw(torch.zeros(batch, 16, height // 8, width // 8))
+
+
+def to_unit_images(decoded: Tensor) -> Tensor:
+    """AE output (B, 3, H, W) in [-1, 1] -> (B, H, W, 3) in [0, 1] (ComfyUI's IMAGE)."""
+    return ((decoded.float().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).contiguous()
+
+
+def from_unit_images(images: Tensor) -> Tensor:
+    """(B, H, W, 3) in [0, 1] -> (B, 3, H, W) in [-1, 1]."""
+    return images[..., :3].permute(0, 3, 1, 2).float() * 2 - 1
