@@ -19,7 +19,7 @@ MODEL_FOLDERS = {
     "fluxkit_seq2seq": ("fluxkit_seq2seq",),
 }
 WEIGHT_SUFFIXES = (".safetensors", ".sft")
-_fallback = {"models_dir": None, "output_dir": None, "input_dir": None}
+_fallback = {"models_dir": None, "output_dir": None, "input_dir": None, "comfy_root": None}
 
 
 def _comfy(module: str):
@@ -38,6 +38,7 @@ def configure(models_dir=None, output_dir=None, input_dir=None) -> None:
     if models_dir is not None:
         models_dir = Path(models_dir).expanduser()
         if (models_dir / "models").is_dir() and (models_dir / "main.py").is_file():
+            _fallback["comfy_root"] = models_dir
             models_dir = models_dir / "models"
         _fallback["models_dir"] = models_dir
     if output_dir is not None:
@@ -150,3 +151,17 @@ def progress_bar(total: int):
     """An object with update_absolute(value, total): ComfyUI's ProgressBar inside ComfyUI, a terminal bar outside."""
     utils = _comfy("comfy.utils")
     return utils.ProgressBar(total) if utils is not None else _TerminalProgress(total)
+
+
+def tokenizer_dirs() -> list[Path]:
+    """Folders that may hold the CLIP-L and T5 tokenizers, most specific first: ComfyUI's bundled ones, then
+    `tokenizers/` in the models folder, then $FLUXKIT_TOKENIZERS."""
+    dirs = []
+    root = comfy_root() or _fallback["comfy_root"]
+    if root is not None:
+        dirs += [root / "comfy" / "sd1_tokenizer", root / "comfy" / "text_encoders" / "t5_tokenizer"]
+    models = _fallback["models_dir"] or Path(os.environ.get("FLUXKIT_MODELS", "models"))
+    dirs += [models / "tokenizers"]
+    if os.environ.get("FLUXKIT_TOKENIZERS"):
+        dirs.append(Path(os.environ["FLUXKIT_TOKENIZERS"]))
+    return dirs

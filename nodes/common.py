@@ -1,0 +1,58 @@
+"""Shared node plumbing: categories, custom type names, weight dtypes, and the loaded-model cache."""
+import os
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+
+from . import host
+
+CATEGORY = "FluxKit"
+MODEL = "FLUXKIT_MODEL"
+TEXT_ENCODERS = "FLUXKIT_TEXT_ENCODERS"
+VAE = "FLUXKIT_VAE"
+
+# Weight storage choices of the model loader, as ComfyUI's "Load Diffusion Model" offers them.
+WEIGHT_DTYPES = {
+    "default": None,
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+    "fp32": torch.float32,
+    "fp8_e4m3fn": torch.float8_e4m3fn,
+    "fp8_e5m2": torch.float8_e5m2,
+}
+
+
+def compute_dtype(device: torch.device, weight_dtype: torch.dtype | None) -> torch.dtype:
+    """bf16 on accelerators, float32 on the CPU; fp16/bf16/fp32 weights compute in their own dtype."""
+    if weight_dtype in (torch.bfloat16, torch.float16, torch.float32):
+        return weight_dtype
+    return torch.float32 if device.type == "cpu" else torch.bfloat16
+
+
+def file_fingerprint(path: Path) -> tuple:
+    """Changes when the file (or a diffusers folder's contents) changes on disk."""
+    files = sorted(path.rglob("*.safetensors")) if path.is_dir() else [path]
+    return tuple((str(f), os.stat(f).st_mtime_ns, os.stat(f).st_size) for f in files)
+
+
+class ModelCache:
+    """Keeps the last few loaded models so a re-run with unchanged loader inputs does not load again."""
+
+    def __init__(self, size: int = 2):
+        self.size, self.entries = size, OrderedDict()
+
+    def get(self, key, load):
+        if key in self.entries:
+            self.entries.move_to_end(key)
+            return self.entries[key]
+        value = load()
+        self.entries[key] = value
+        while len(self.entries) > self.size:
+            self.entries.popitem(last=False)
+            host.free_memory()
+        return value
+
+
+LOADED = ModelCache()
+

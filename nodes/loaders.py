@@ -1,0 +1,131 @@
+"""Loader nodes: transformer, text encoders (CLIP-L + T5), VAE. Glue over flux_core's loaders."""
+from ..flux_core.autoencoder import load_autoencoder
+from ..flux_core.conditioning import load_text_encoders
+from ..flux_core.loading import load_flux
+from ..flux_core.model import PRESETS
+from . import host
+from .common import CATEGORY, LOADED, MODEL, TEXT_ENCODERS, VAE, WEIGHT_DTYPES, compute_dtype, file_fingerprint
+
+
+class FluxKitModelLoader:
+    DESCRIPTION = (
+        "Loads a Flux transformer from models/diffusion_models (or unet): BFL files (flux1-dev, flux1-schnell, "
+        "fill, canny, depth, kontext, krea), ComfyUI all-in-one checkpoints, diffusers transformer folders and fp8 "
+        "files. The architecture is read from the weights, so any width loads."
+    )
+    CATEGORY = f"{CATEGORY}/loaders"
+    RETURN_TYPES = (MODEL,)
+    RETURN_NAMES = ("model",)
+    OUTPUT_TOOLTIPS = ("The Flux transformer, for the FluxKit sampler.",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "unet_name": (host.model_list("diffusion_models"), {"tooltip": "The transformer weights file or diffusers folder."}),
+                "weight_dtype": (list(WEIGHT_DTYPES), {
+                    "default": "default",
+                    "tooltip": "How weights are kept in memory. default: as stored (bf16 on GPU, fp32 on CPU for "
+                    "full-precision files); fp8 halves memory and is upcast layer by layer while computing.",
+                }),
+            },
+            "optional": {
+                "preset": (["auto", *PRESETS], {
+                    "default": "auto",
+                    "tooltip": "auto infers the architecture from the weights; a preset fixes the rotary axes and "
+                    "theta, which the weights cannot tell, and checks the file against it.",
+                }),
+            },
+        }
+
+    @classmethod
+    def IS_CHANGED(cls, unet_name, weight_dtype, preset="auto"):
+        return file_fingerprint(host.model_path("diffusion_models", unet_name))
+
+    def load(self, unet_name, weight_dtype, preset="auto"):
+        path = host.model_path("diffusion_models", unet_name)
+        device = host.torch_device()
+        storage = WEIGHT_DTYPES[weight_dtype]
+        key = ("flux", file_fingerprint(path), weight_dtype, preset, str(device))
+        model = LOADED.get(key, lambda: load_flux(
+            path, dtype=compute_dtype(device, storage), weight_dtype=storage,
+            preset=None if preset == "auto" else preset, device=device,
+        ))  # fmt: skip
+        return (model,)
+
+
+class FluxKitTextEncoderLoader:
+    DESCRIPTION = (
+        "Loads CLIP-L and T5-XXL from models/text_encoders (or clip): clip_l.safetensors, t5xxl_fp16 / fp8 files or "
+        "diffusers text_encoder folders. The tokenizers come with ComfyUI."
+    )
+    CATEGORY = f"{CATEGORY}/loaders"
+    RETURN_TYPES = (TEXT_ENCODERS,)
+    RETURN_NAMES = ("text_encoders",)
+    OUTPUT_TOOLTIPS = ("CLIP-L and T5-XXL with their tokenizers, for the FluxKit text encode node.",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        names = host.model_list("text_encoders")
+        return {
+            "required": {
+                "clip_name1": (names, {"tooltip": "CLIP-L, e.g. clip_l.safetensors."}),
+                "clip_name2": (names, {"tooltip": "T5-XXL, e.g. t5xxl_fp16.safetensors or t5xxl_fp8_e4m3fn.safetensors."}),
+                "device": (["default", "cpu"], {
+                    "default": "default",
+                    "tooltip": "cpu keeps the text encoders off the GPU entirely (slower prompts, more VRAM for the model).",
+                }),
+            }
+        }
+
+    @classmethod
+    def IS_CHANGED(cls, clip_name1, clip_name2, device):
+        return tuple(file_fingerprint(host.model_path("text_encoders", n)) for n in (clip_name1, clip_name2))
+
+    def load(self, clip_name1, clip_name2, device):
+        paths = [host.model_path("text_encoders", name) for name in (clip_name1, clip_name2)]
+        run_device = host.torch_device() if device == "default" else host.offload_device()
+        key = ("text", *(file_fingerprint(p) for p in paths), str(run_device))
+        encoders = LOADED.get(key, lambda: load_text_encoders(
+            paths[0], paths[1], tokenizer_dirs=host.tokenizer_dirs(),
+            dtype=compute_dtype(run_device, None), device=host.offload_device(),
+        ))  # fmt: skip
+        encoders.run_device = run_device
+        return (encoders,)
+
+
+class FluxKitVAELoader:
+    DESCRIPTION = "Loads the Flux autoencoder (ae.safetensors, or a diffusers vae folder) from models/vae."
+    CATEGORY = f"{CATEGORY}/loaders"
+    RETURN_TYPES = (VAE,)
+    RETURN_NAMES = ("vae",)
+    OUTPUT_TOOLTIPS = ("The 16-channel Flux autoencoder.",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"vae_name": (host.model_list("vae"), {"tooltip": "The Flux VAE, e.g. ae.safetensors."})}}
+
+    @classmethod
+    def IS_CHANGED(cls, vae_name):
+        return file_fingerprint(host.model_path("vae", vae_name))
+
+    def load(self, vae_name):
+        path = host.model_path("vae", vae_name)
+        device = host.torch_device()
+        key = ("vae", file_fingerprint(path), str(device))
+        return (LOADED.get(key, lambda: load_autoencoder(path, dtype=compute_dtype(device, None), device=device)),)
+
+
+NODE_CLASS_MAPPINGS = {
+    "FluxKitModelLoader": FluxKitModelLoader,
+    "FluxKitTextEncoderLoader": FluxKitTextEncoderLoader,
+    "FluxKitVAELoader": FluxKitVAELoader,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "FluxKitModelLoader": "Load Flux Model (FluxKit)",
+    "FluxKitTextEncoderLoader": "Load Flux Text Encoders (FluxKit)",
+    "FluxKitVAELoader": "Load Flux VAE (FluxKit)",
+}

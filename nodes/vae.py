@@ -1,0 +1,58 @@
+"""VAE decode and encode nodes. Glue over flux_core.autoencoder; LATENT holds raw AE latents, as ComfyUI's."""
+from ..flux_core.pipeline import from_unit_images, to_unit_images
+from .common import CATEGORY, VAE
+
+
+class FluxKitVAEDecode:
+    DESCRIPTION = "Decodes a Flux latent to an image. Tiled decoding bounds memory for large images (2048 px and up)."
+    CATEGORY = f"{CATEGORY}/latent"
+    RETURN_TYPES = ("IMAGE",)
+    OUTPUT_TOOLTIPS = ("The decoded images.",)
+    FUNCTION = "decode"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "samples": ("LATENT", {"tooltip": "The latent to decode."}),
+                "vae": (VAE, {"tooltip": "From Load Flux VAE."}),
+                "tiled": ("BOOLEAN", {"default": False, "tooltip": "Decode in overlapping tiles with blended seams to save memory."}),
+                "tile_size": ("INT", {"default": 512, "min": 64, "max": 4096, "step": 32, "tooltip": "Tile size in pixels (tiled only)."}),
+                "overlap": ("INT", {"default": 64, "min": 0, "max": 4096, "step": 32, "tooltip": "Overlap between tiles in pixels (tiled only)."}),
+            }
+        }  # fmt: skip
+
+    def decode(self, samples, vae, tiled, tile_size, overlap):
+        raw = samples["samples"]
+        if tiled:
+            decoded = vae.decode_tiled(raw, tile_size=tile_size, overlap=overlap, scaled=False)
+        else:
+            decoded = vae.decode(raw, scaled=False)
+        return (to_unit_images(decoded),)
+
+
+class FluxKitVAEEncode:
+    DESCRIPTION = "Encodes an image to a Flux latent (the posterior mean), for image-to-image with denoise below 1."
+    CATEGORY = f"{CATEGORY}/latent"
+    RETURN_TYPES = ("LATENT",)
+    OUTPUT_TOOLTIPS = ("The encoded latent; its size is the image's rounded down to a multiple of 16.",)
+    FUNCTION = "encode"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "pixels": ("IMAGE", {"tooltip": "The image to encode, e.g. from Load Image."}),
+                "vae": (VAE, {"tooltip": "From Load Flux VAE."}),
+            }
+        }
+
+    def encode(self, pixels, vae):
+        height, width = pixels.shape[1] // 16 * 16, pixels.shape[2] // 16 * 16
+        if not height or not width:
+            raise ValueError(f"image of {pixels.shape[2]}x{pixels.shape[1]} is smaller than 16x16 pixels")
+        return ({"samples": vae.encode(from_unit_images(pixels[:, :height, :width]), scaled=False)},)
+
+
+NODE_CLASS_MAPPINGS = {"FluxKitVAEDecode": FluxKitVAEDecode, "FluxKitVAEEncode": FluxKitVAEEncode}
+NODE_DISPLAY_NAME_MAPPINGS = {"FluxKitVAEDecode": "Flux VAE Decode (FluxKit)", "FluxKitVAEEncode": "Flux VAE Encode (FluxKit)"}
