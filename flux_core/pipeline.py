@@ -50,7 +50,7 @@ class Conditioning:
 
 def seeded_noise(shape: tuple[int, ...], seed: int) -> Tensor:
     """float32 CPU noise, item i drawn from seed + i: a batch equals its items generated one by one."""
-    return torch.stack([torch.randn(shape[1:], generator=torch.Generator("cpu").manual_seed(seed + i)) for i in range(shape[0])])
+    return torch.stack([torch.randn(shape[1:], generator=torch.Generator("cpu").manual_seed((seed + i) % 2**64)) for i in range(shape[0])])
 
 
 def sample(
