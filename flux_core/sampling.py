@@ -78,13 +78,24 @@ class FlowMatch:
         timesteps: list[float],
         callback: Callable[[int, int, Tensor], None] | None = None,
     ) -> Tensor:
-        """Integrates dx/dt = velocity(x, t) from timesteps[0] down to timesteps[-1]."""
-        total = len(timesteps) - 1
-        for step, (t_curr, t_prev) in enumerate(zip(timesteps[:-1], timesteps[1:])):
-            x = x + (t_prev - t_curr) * velocity(x, t_curr)
-            if callback is not None:
-                callback(step + 1, total, x)
-        return x
+        """Integrates dx/dt = velocity(x, t) from timesteps[0] down to timesteps[-1]: one evaluation per step."""
+        return _integrate(lambda x, t_curr, t_prev: x + (t_prev - t_curr) * velocity(x, t_curr), x, timesteps, callback)
+
+    @staticmethod
+    def heun(
+        velocity: Callable[[Tensor, float], Tensor],
+        x: Tensor,
+        timesteps: list[float],
+        callback: Callable[[int, int, Tensor], None] | None = None,
+    ) -> Tensor:
+        """Second-order integration (Euler predictor, trapezoidal corrector): two evaluations per step."""
+
+        def step(x: Tensor, t_curr: float, t_prev: float) -> Tensor:
+            v = velocity(x, t_curr)
+            x_pred = x + (t_prev - t_curr) * v
+            return x + (t_prev - t_curr) * 0.5 * (v + velocity(x_pred, t_prev))
+
+        return _integrate(step, x, timesteps, callback)
 
     # -- training -----------------------------------------------------------------------------------
     def sample_t(
@@ -116,6 +127,20 @@ class FlowMatch:
     def loss(self, predict: Callable[[Tensor, Tensor], Tensor], x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
         """Mean squared error between predict(x_t, t) and the velocity target."""
         return torch.nn.functional.mse_loss(predict(self.noised(x0, noise, t), t), self.velocity_target(x0, noise))
+
+
+def _integrate(
+    step: Callable[[Tensor, float, float], Tensor],
+    x: Tensor,
+    timesteps: list[float],
+    callback: Callable[[int, int, Tensor], None] | None,
+) -> Tensor:
+    total = len(timesteps) - 1
+    for i, (t_curr, t_prev) in enumerate(zip(timesteps[:-1], timesteps[1:])):
+        x = step(x, t_curr, t_prev)
+        if callback is not None:
+            callback(i + 1, total, x)
+    return x
 
 
 def _beta(a: float, b: float, batch: int, generator: torch.Generator | None) -> Tensor:
@@ -175,14 +200,28 @@ def unpack(tokens: Tensor, latent_height: int, latent_width: int) -> Tensor:
     return rearrange(tokens, "b (h w) (c ph pw) -> b c (h ph) (w pw)", h=latent_height // 2, w=latent_width // 2, ph=2, pw=2)
 
 
+def sequence_ids(length: int, batch: int = 1, n_axes: int = 3) -> Tensor:
+    """(B, L, n_axes) ids of a 1-D sequence: the position on the last axis, the others 0."""
+    ids = torch.zeros(1, length, n_axes)
+    ids[..., -1] = torch.arange(length)
+    return ids.expand(batch, -1, -1)
+
+
+def grid_ids(height: int, width: int, batch: int = 1, n_axes: int = 3) -> Tensor:
+    """(B, H * W, n_axes) ids of a row-major 2-D grid: row on the second-to-last axis, column on the last."""
+    if n_axes < 2:
+        raise ValueError(f"a 2-D grid needs at least 2 id axes, got n_axes={n_axes}")
+    ids = torch.zeros(height, width, n_axes)
+    ids[..., -2] = torch.arange(height)[:, None]
+    ids[..., -1] = torch.arange(width)[None, :]
+    return ids.reshape(1, height * width, n_axes).expand(batch, -1, -1)
+
+
 def image_ids(latent_height: int, latent_width: int, batch: int = 1, axis0: float = 0.0) -> Tensor:
     """(B, h/2 * w/2, 3) ids (axis0, row, col) of packed image tokens."""
-    h, w = latent_height // 2, latent_width // 2
-    ids = torch.zeros(h, w, 3)
+    ids = grid_ids(latent_height // 2, latent_width // 2)  # fresh, batch 1: safe to write
     ids[..., 0] = axis0
-    ids[..., 1] = torch.arange(h)[:, None]
-    ids[..., 2] = torch.arange(w)[None, :]
-    return ids.reshape(1, h * w, 3).expand(batch, -1, -1)
+    return ids.expand(batch, -1, -1)
 
 
 def text_ids(length: int, batch: int = 1) -> Tensor:
