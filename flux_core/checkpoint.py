@@ -22,6 +22,29 @@ class CheckpointError(ValueError):
     """A weight file that cannot be used as asked; the message names the file, the problem and the fix."""
 
 
+def _not_safetensors(name: str, head: bytes, size: int, header_len: int) -> str:
+    """What a file that does not parse as safetensors is, told by its first bytes, and what to do."""
+    if head[:2] == b"PK" or (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")):
+        return (
+            f"{name} is a pickle (.ckpt/.pt/.bin) checkpoint; pickles can run code when loaded and are refused. "
+            "Use the .safetensors release of this model, or convert it with a trusted tool."
+        )
+    if head[:4] == b"GGUF":
+        return f"{name} is a GGUF quantised file; this loader reads safetensors (bf16, or fp8 for less memory)."
+    if head.startswith(b"version "):
+        return (
+            f"{name} is a Git LFS pointer ({size} bytes), not the weights: fetch them with `git lfs pull` "
+            "or download the file itself."
+        )
+    if head.lower().startswith((b"<!doctyp", b"<html")):
+        return f"{name} is a web page (HTML), not weights: the download failed, download it again"
+    if len(head) < 8:
+        return f"{name} is not a safetensors file (only {size} bytes)"
+    if header_len > size - 8:
+        return f"{name} is not a safetensors file or is truncated (header says {header_len} bytes, file has {size})"
+    return f"{name} is not a safetensors file (no JSON header)"
+
+
 def read_header(path: str | os.PathLike) -> tuple[dict, int]:
     """The safetensors JSON header (without __metadata__) and the byte offset where tensor data starts."""
     path = Path(path)
@@ -31,22 +54,14 @@ def read_header(path: str | os.PathLike) -> tuple[dict, int]:
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(8)
-        if head[:2] == b"PK" or head[:1] == b"\x80":
-            raise CheckpointError(
-                f"{name} is a pickle (.ckpt/.pt/.bin) checkpoint; pickles can run code when loaded and are refused. "
-                "Use the .safetensors release of this model, or convert it with a trusted tool."
-            )
-        if len(head) < 8:
-            raise CheckpointError(f"{name} is not a safetensors file (only {size} bytes)")
-        (header_len,) = struct.unpack("<Q", head)
-        if header_len > min(_MAX_HEADER, size - 8):
-            raise CheckpointError(
-                f"{name} is not a safetensors file or is truncated (header says {header_len} bytes, file has {size})"
-            )
-        try:
-            header = json.loads(f.read(header_len))
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise CheckpointError(f"{name} is not a safetensors file (unreadable header: {err})") from None
+        header_len = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
+        raw = f.read(header_len) if header_len <= min(_MAX_HEADER, size - 8) else b""
+    if not raw.startswith(b"{"):
+        raise CheckpointError(_not_safetensors(name, head, size, header_len))
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{name} is not a safetensors file (unreadable header: {err})") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{name} is not a safetensors file (header is not a JSON object)")
     header.pop("__metadata__", None)
@@ -79,6 +94,45 @@ def load_safetensors(path: str | os.PathLike) -> dict[str, Tensor]:
     return tensors
 
 
+def weight_files(path: str | os.PathLike, component: str | None = None) -> list[Path]:
+    """The safetensors files of a weight file or a diffusers folder, shards in index order.
+
+    `component` (e.g. "transformer", "vae") picks that subfolder when `path` is a diffusers pipeline root.
+    """
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no such file or folder")
+    if component and (path / component).is_dir():
+        path = path / component
+    elif component and (path / "model_index.json").is_file():
+        raise CheckpointError(f"{path.name} is a diffusers pipeline folder without a {component}/ subfolder")
+    indexes = sorted(path.glob("*.safetensors.index.json"))
+    if len(indexes) > 1:
+        raise CheckpointError(f"{path.name} holds several index files ({_summary([i.name for i in indexes])}); keep one")
+    if indexes:
+        try:
+            weight_map = json.loads(indexes[0].read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise CheckpointError(f"{path.name}/{indexes[0].name} is not a valid shard index ({err!r})") from None
+        files = [path / name for name in dict.fromkeys(weight_map.values())]
+        if missing := [f.name for f in files if not f.is_file()]:
+            raise CheckpointError(f"{path.name}: shards listed in {indexes[0].name} are missing: {_summary(missing)}")
+        return files
+    files = sorted(path.glob("*.safetensors"))
+    if len(files) == 1:
+        return files
+    if files:
+        raise CheckpointError(
+            f"{path.name} holds {len(files)} .safetensors files but no *.safetensors.index.json telling how they "
+            "fit together; pass one file"
+        )
+    pickles = sorted(f.name for f in path.iterdir() if f.suffix in (".bin", ".ckpt", ".pt", ".pth"))
+    refused = f" (only pickle files {_summary(pickles)}, refused: pickles can run code when loaded)" if pickles else ""
+    raise CheckpointError(f"{path.name} holds no .safetensors weights{refused}")
+
+
 # What a file holds, told by one key each (after a known prefix is removed).
 _SIGNATURES = [
     ("flux", "double_blocks.0.img_attn.norm.key_norm.scale"),
@@ -96,6 +150,7 @@ KIND_NAMES = {
     "clip_l": "a CLIP text encoder",
     "t5": "a T5 text encoder",
     "lora": "a LoRA",
+    "controlnet": "a ControlNet",
     "checkpoint": "an all-in-one checkpoint (model + VAE + text encoders)",
 }
 KIND_LOADERS = {
@@ -106,6 +161,7 @@ KIND_LOADERS = {
     "clip_l": "the text encoder loader (models/text_encoders)",
     "t5": "the text encoder loader (models/text_encoders)",
     "lora": "a LoRA loader (models/loras)",
+    "controlnet": "a ControlNet loader (models/controlnet)",
 }
 KNOWN_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "transformer.", "vae.", "first_stage_model.")
 
@@ -113,12 +169,24 @@ KNOWN_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "transformer.", 
 def identify(keys) -> str:
     """Which model a state dict holds: a key of KIND_NAMES, or "unknown"."""
     keys = set(keys)
-    if any(".lora_A." in k or ".lora_down." in k or k.startswith("lora_unet_") for k in keys):
+    # kohya/peft/BFL/XLabs LoRAs all say "lora" in their key names; LyCORIS uses hada_/lokr_
+    if any("lora" in k.lower() or ".hada_" in k or ".lokr_" in k for k in keys):
         return "lora"
+    if any("controlnet_blocks." in k or "input_hint_block." in k for k in keys):
+        return "controlnet"
     for kind, signature in _SIGNATURES:
         if signature in keys or any(k.endswith("." + signature) for k in keys):
             return kind
     return "unknown"
+
+
+def kind_prefix(keys, kind: str) -> str:
+    """The prefix in front of `kind`'s keys, e.g. "model.diffusion_model." in a ComfyUI all-in-one checkpoint."""
+    signature = dict(_SIGNATURES)[kind]
+    for key in keys:
+        if key == signature or key.endswith("." + signature):
+            return key[: -len(signature)]
+    raise KeyError(f"no {kind} signature key ({signature}) among the keys")
 
 
 def wrong_file_error(path, found: str, wanted: str) -> CheckpointError:
@@ -139,11 +207,17 @@ def _summary(names: list[str], limit: int = 5) -> str:
 
 
 def load_weights(
-    module: nn.Module, state_dict: dict[str, Tensor], dtype: torch.dtype, source: str, keep_fp8: bool = True
+    module: nn.Module,
+    state_dict: dict[str, Tensor],
+    dtype: torch.dtype,
+    source: str,
+    keep_fp8: bool = True,
+    weight_dtype: torch.dtype | None = None,
 ) -> None:
     """Assign `state_dict` into a module built on the meta device: no random init, no second copy.
 
-    Tensors are cast to `dtype` except fp8 Linear weights, which stay fp8 when `keep_fp8` (upcast per call).
+    Tensors are cast to `dtype` except Linear weights that are fp8 (when `keep_fp8`) or already `weight_dtype`:
+    those stay as they are and are cast per call.
     Missing or unexpected keys and shape mismatches raise with the names; `source` names the file.
     """
     expected = module.state_dict(keep_vars=True)
@@ -160,6 +234,6 @@ def load_weights(
             raise CheckpointError(
                 f"{source}: {key} has shape {tuple(tensor.shape)} but the model expects {tuple(target.shape)}"
             )
-        keep = keep_fp8 and tensor.dtype in FP8_DTYPES and key in linear_weights
+        keep = key in linear_weights and (keep_fp8 and tensor.dtype in FP8_DTYPES or tensor.dtype == weight_dtype)
         ready[key] = tensor if keep or tensor.dtype == dtype else tensor.to(dtype)
     module.load_state_dict(ready, assign=True)

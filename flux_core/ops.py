@@ -13,17 +13,20 @@ class Linear(nn.Linear):
     upcast weight. With matching dtypes this is exactly F.linear.
     """
 
-    weight_scale: Tensor | None = None
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.register_buffer("weight_scale", None, persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
         weight, bias = self.weight, self.bias
         if weight.dtype != x.dtype:
             weight = weight.to(x.dtype)
-            if self.weight_scale is not None:
-                weight = weight * self.weight_scale.to(x.dtype)
+            if self.weight_scale is not None:  # a 0-dim float32 scale: applied in float32, rounded once
+                weight = weight * self.weight_scale
         if bias is not None and bias.dtype != x.dtype:
             bias = bias.to(x.dtype)
         return F.linear(x, weight, bias)
 
     def set_weight_scale(self, scale: Tensor) -> None:
-        self.register_buffer("weight_scale", scale, persistent=False)
+        """One float32 scale for the whole weight (per-tensor scaled fp8)."""
+        self.weight_scale = scale.float().reshape(())
