@@ -19,7 +19,7 @@ from pathlib import Path
 
 from . import host
 from .standins import inside, preview_dir, write_new
-from .workflow import ValidationError, WorkflowError, parse_json
+from .workflow import ValidationError, WorkflowError, format_errors, parse_json
 
 MAX_SERVER_JSON = 64 * 2**20  # /object_info of an install with many packs is large
 MAX_MESSAGE = 64 * 2**20  # one websocket message (previews are the largest)
@@ -177,7 +177,12 @@ class Server:
             raise RemoteError(f"cannot open the websocket {ws_url}: {e}") from None
         try:
             body = {"prompt": prompt, "client_id": client_id, "extra_data": {"extra_pnginfo": extra_pnginfo}}
-            prompt_id = self._json("/prompt", body)["prompt_id"]
+            answer = self._json("/prompt", body)
+            prompt_id = answer.get("prompt_id") if isinstance(answer, dict) else None
+            if not isinstance(prompt_id, str):
+                raise RemoteError(f"{self.base} answered POST /prompt without a prompt_id: {str(answer)[:300]}")
+            for line in format_errors(None, answer.get("node_errors") or {}):  # outputs the server will skip
+                print(f"warning: {line}", file=sys.stderr)
             print(f"queued as {prompt_id} on {self.base}", file=sys.stderr)
             _follow(ws, prompt_id, prompt, deadline)
         except TimeoutError:
@@ -221,7 +226,9 @@ def _follow(ws: WebSocket, prompt_id: str, prompt: dict, deadline: float) -> Non
         if isinstance(message, bytes):
             continue  # preview images
         message = parse_json(message, "a websocket message", MAX_MESSAGE)
-        kind, data = message.get("type"), message.get("data") or {}
+        if not isinstance(message, dict) or not isinstance(message.get("data"), dict):
+            continue
+        kind, data = message.get("type"), message["data"]
         if data.get("prompt_id") != prompt_id:
             continue  # queue status, other clients' prompts
         node = data.get("node") or data.get("node_id")

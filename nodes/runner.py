@@ -3,6 +3,7 @@ format, or a PNG saved by ComfyUI) without ComfyUI, with this pack's nodes and t
 with --server it submits the workflow to a running ComfyUI instead (see `remote`).
 """
 import argparse
+import copy
 import importlib
 import json
 import os
@@ -78,11 +79,13 @@ def _call(defn, instance, node_id: str, kwargs: dict):
 
 
 def run_prompt(prompt: dict, defs: NodeDefs, extra_pnginfo: dict | None = None, progress: bool = True) -> RunResult:
-    """Validates the whole API-format prompt, then runs the nodes its output nodes need, each once, in order."""
+    """Validates the whole API-format prompt, then runs the nodes its output nodes need, each once, in order.
+    Nodes asking for the hidden PROMPT get `prompt` as given; they run on a validated (normalised) copy."""
+    run = RunResult(prompt, extra_pnginfo if extra_pnginfo is not None else {}, {}, {})
+    prompt = copy.deepcopy(prompt)
     error, node_errors = validate(prompt, defs)
     if error or node_errors:
         raise ValidationError(error, node_errors)
-    run = RunResult(prompt, extra_pnginfo if extra_pnginfo is not None else {}, {}, {})
     needed, stack = set(), [i for i, n in prompt.items() if defs.get(n["class_type"]).output_node]
     while stack:
         node_id = stack.pop()

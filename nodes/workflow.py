@@ -176,6 +176,8 @@ class NodeDefs:
         return defs
 
     def get(self, class_type) -> NodeDef | None:
+        if not isinstance(class_type, str):
+            return None
         if class_type not in self._defs and class_type in self.classes:
             c = self.classes[class_type]
             self._defs[class_type] = NodeDef.from_spec(
@@ -261,7 +263,7 @@ class _Converter:
 
     def convert(self) -> dict:
         api = {}
-        order = sorted(self.nodes.values(), key=lambda n: (n.get("order", 0), str(n.get("id"))))
+        order = sorted(self.nodes.values(), key=lambda n: (n.get("order") or 0, str(n.get("id"))))
         for node in order:
             class_type = node.get("type")
             if class_type in VIRTUAL or node.get("mode") in (MUTED, BYPASSED):
@@ -298,7 +300,10 @@ def _bypass_slot(node: dict, slot: int, want_type) -> int:
 
 def to_api(ui: dict, defs: NodeDefs) -> dict:
     """The API-format prompt the editor would queue for this UI-format workflow."""
-    return _Converter(ui, defs).convert()
+    try:
+        return _Converter(ui, defs).convert()
+    except (TypeError, KeyError, AttributeError, IndexError, RecursionError) as e:  # fields of the wrong shape
+        raise WorkflowError(f"malformed editor workflow ({type(e).__name__}: {e})") from e
 
 
 # ---------------------------------------------------------------------------------------------- --set
@@ -368,8 +373,8 @@ def _error(kind: str, message: str, details: str = "", input_name: str | None = 
     return {"type": kind, "message": message, "details": details, "extra_info": extra_info}
 
 
-def _check_value(inp: Input, value):
-    """ComfyUI's conversion and range/list checks of a constant input: (value, error or None)."""
+def _check_value(inp: Input, value, check_range: bool):
+    """ComfyUI's conversion, then range/list checks, of a constant input: (value, error or None)."""
     converters = {"INT": int, "FLOAT": float, "STRING": str, "BOOLEAN": bool}
     try:
         value = converters[inp.type](value) if inp.type in converters else value
@@ -377,6 +382,8 @@ def _check_value(inp: Input, value):
         kind = "invalid_input_type"
         return value, _error(kind, f"Failed to convert an input value to a {inp.type} value", f"{inp.name}, {value}, {e}",
                              inp.name, received_value=value)  # fmt: skip
+    if not check_range:
+        return value, None
     if "min" in inp.options and value < inp.options["min"]:
         msg = f"Value {value} smaller than min of {inp.options['min']}"
         return value, _error("value_smaller_than_min", msg, inp.name, inp.name, received_value=value)
@@ -443,9 +450,8 @@ def _check_node(node_id: str, node: dict, prompt: dict, defs: NodeDefs) -> list:
             continue
         if isinstance(value, dict) and "__value__" in value:
             value = inputs[name] = value["__value__"]
-        if name in claimed:
-            continue  # VALIDATE_INPUTS takes over the checks of the inputs it names
-        inputs[name], error = _check_value(inp, value)
+        # VALIDATE_INPUTS takes over the range and list checks of the inputs it names
+        inputs[name], error = _check_value(inp, value, check_range=name not in claimed)
         if error:
             errors.append(error)
     if custom is not None and not errors:
@@ -457,7 +463,8 @@ def dependency_order(prompt: dict, node_ids) -> tuple[list, set]:
     """Nodes in an order where each comes after the nodes it links from, and the set left over by cycles."""
     position = {i: k for k, i in enumerate(node_ids)}
     wanted = set(position)
-    parents = {i: {v[0] for v in prompt[i].get("inputs", {}).values() if is_link(v) and v[0] in wanted} for i in position}
+    inputs = {i: prompt[i].get("inputs") if isinstance(prompt[i].get("inputs"), dict) else {} for i in position}
+    parents = {i: {v[0] for v in inputs[i].values() if is_link(v) and v[0] in wanted} for i in position}
     children = {i: set() for i in position}
     for i, ps in parents.items():
         for p in ps:
@@ -508,8 +515,7 @@ def validate(prompt: dict, defs: NodeDefs) -> tuple[dict | None, dict]:
             report(node_id, [_error("exception_during_validation", "Exception when validating node", f"{type(e).__name__}: {e}")])
     _, cycle = dependency_order(prompt, prompt)
     for node_id in sorted(cycle):
-        inputs = prompt[node_id]["inputs"]
-        name = next(n for n, v in inputs.items() if is_link(v) and v[0] in cycle)
+        name = next(n for n, v in prompt[node_id]["inputs"].items() if is_link(v) and v[0] in cycle)
         path = " -> ".join(sorted(cycle))
         report(node_id, [_error("dependency_cycle", "Dependency cycle detected", f"nodes {path}", name)])
     outputs = [i for i, n in prompt.items() if (d := defs.get(n["class_type"])) is not None and d.output_node]

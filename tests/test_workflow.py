@@ -219,10 +219,14 @@ def test_widget_values_by_name_and_list_values():
     assert workflow.to_api({"nodes": [node], "links": []}, d)["1"]["inputs"] == {"points": "x", "noise_seed": 0, "after": 5, "last": True}
 
 
-def test_broken_links_are_reported():
+def test_broken_links_and_malformed_nodes_are_reported():
     ui = sample_ui()
     ui["links"] = [link for link in ui["links"] if link[0] != 5]
     with pytest.raises(workflow.WorkflowError, match="link 5"):
+        workflow.to_api(ui, defs())
+    ui = sample_ui()
+    ui["nodes"][3]["inputs"] = [{"link": 3}]
+    with pytest.raises(workflow.WorkflowError, match="malformed editor workflow"):
         workflow.to_api(ui, defs())
 
 
