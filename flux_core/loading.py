@@ -112,7 +112,7 @@ def diffusers_to_bfl(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
 
 
 def infer_flux_params(
-    state_dict: dict[str, Tensor], axes_dim: list[int] | None = None, theta: int | None = None
+    state_dict: dict[str, Tensor], axes_dim: list[int] | None = None, theta: int | None = None, source: str = "state dict"
 ) -> FluxParams:
     """FluxParams from the tensor shapes of a BFL-named state dict.
 
@@ -121,12 +121,12 @@ def infer_flux_params(
     """
     for key in ("img_in.weight", "txt_in.weight", "time_in.in_layer.weight", "final_layer.linear.weight"):
         if key not in state_dict:
-            raise CheckpointError(f"no {key} among the weights: not a Flux transformer (BFL names)")
+            raise CheckpointError(f"{source}: no {key} among the weights: not a Flux transformer (BFL names)")
     hidden, in_channels = state_dict["img_in.weight"].shape
     depth, single = count_blocks(state_dict, "double_blocks."), count_blocks(state_dict, "single_blocks.")
     norm = "double_blocks.0.img_attn.norm.query_norm.scale" if depth else "single_blocks.0.norm.query_norm.scale"
     if norm not in state_dict:
-        raise CheckpointError(f"no {norm} among the weights: cannot tell the head dim")
+        raise CheckpointError(f"{source}: no {norm} among the weights: cannot tell the head dim")
     head_dim = state_dict[norm].shape[0]
     if depth:
         mlp_hidden = state_dict["double_blocks.0.img_mlp.0.weight"].shape[0]
@@ -134,7 +134,7 @@ def infer_flux_params(
         mlp_hidden = state_dict["single_blocks.0.linear1.weight"].shape[0] - 3 * hidden
     if axes_dim is None and head_dim != sum(FLUX_AXES_DIM):
         raise CheckpointError(
-            f"the weights have head dim {head_dim}, but Flux's rotary axes {list(FLUX_AXES_DIM)} need 128; "
+            f"{source} has head dim {head_dim}, but Flux's rotary axes {list(FLUX_AXES_DIM)} need 128; "
             f"pass axes_dim (even sizes summing to {head_dim}, e.g. one band per position axis)"
         )
     vector = state_dict.get("vector_in.in_layer.weight")
@@ -287,10 +287,10 @@ def load_flux(
         axes_dim, theta = axes_dim or known.axes_dim, theta or known.theta
     elif axes_dim is None and layout.startswith("diffusers"):
         axes_dim = _diffusers_axes(files)
-    params = infer_flux_params(state_dict, axes_dim, theta)
+    params = infer_flux_params(state_dict, axes_dim, theta, source=path.name)
     if preset is not None:
         _check_preset(params, preset, path.name)
-    storage = _storage_label(state_dict, scales)
+    stored = _storage_label(state_dict, scales)
 
     with torch.device("meta"):
         model = Flux(params)
@@ -310,12 +310,13 @@ def load_flux(
         if weight_dtype is not None and tensor.dtype != weight_dtype:
             scale = scales.pop(layer, None)
             state_dict[key] = (tensor if scale is None else tensor.float() * scale).to(weight_dtype)
-    if (kept := _storage_label(state_dict, scales)) != storage:
+    storage = f"{stored} weights"
+    if (kept := _storage_label(state_dict, scales)) != stored:
         storage += f" kept as {kept}"
     load_weights(model, state_dict, dtype, path.name, weight_dtype=weight_dtype)
     for layer, scale in scales.items():
         model.get_submodule(layer).set_weight_scale(scale)
 
-    model.description = f"{path.name}: Flux transformer, {layout} layout, {storage} weights; {describe(params)}"
+    model.description = f"{path.name}: Flux transformer, {layout} layout, {storage}; {describe(params)}"
     log.info(model.description)
     return model.eval().to(device)

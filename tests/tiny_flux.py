@@ -12,6 +12,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from flux_core.model import Flux, FluxParams
+from flux_core.sampling import grid_ids
 
 FP8_MAX = {torch.float8_e4m3fn: 448.0, torch.float8_e5m2: 57344.0}
 
@@ -26,15 +27,32 @@ def tiny_params(guidance: bool = True, in_channels: int = 64, **overrides) -> Fl
     return FluxParams(**{**base, **overrides})
 
 
+def tiny_inputs(params: FluxParams, batch: int = 1, rows: int = 3, cols: int = 4, text: int = 5, dtype=torch.float32):
+    """Keyword inputs of Flux.forward: random tokens, image ids on a rows x cols grid with axis 0 = 1 (as Kontext's
+    reference image), random text ids (stronger than BFL's zeros at catching id-order bugs)."""
+    gen = torch.Generator().manual_seed(1)
+    img_ids = grid_ids(rows, cols).clone()
+    img_ids[..., 0] = 1
+    return dict(
+        img=torch.randn(batch, rows * cols, params.in_channels, generator=gen, dtype=dtype),
+        img_ids=img_ids.to(dtype),
+        txt=torch.randn(batch, text, params.context_in_dim, generator=gen, dtype=dtype),
+        txt_ids=torch.randint(0, 8, (1, text, 3), generator=gen).to(dtype),
+        timesteps=torch.rand(batch, generator=gen, dtype=dtype),
+        y=torch.randn(batch, params.vec_in_dim, generator=gen, dtype=dtype) if params.vec_in_dim else None,
+        guidance=(torch.rand(batch, generator=gen, dtype=dtype) * 5 + 1) if params.guidance_embed else None,
+    )
+
+
 def random_weights(params: FluxParams, seed: int = 0, dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
-    """Every tensor random (drawn in float64, so float32 and float64 copies agree): norm scales around 1,
+    """Every tensor random (scaled in float64, so float32 and float64 copies agree): norm scales around 1,
     modulations strong enough that a swapped shift/scale/gate or a missing (1 + scale) moves the output."""
     with torch.device("meta"):
         shapes = {k: v.shape for k, v in Flux(params).state_dict().items()}
     gen = torch.Generator().manual_seed(seed)
     weights = {}
     for key, shape in shapes.items():
-        noise = torch.randn(shape, generator=gen, dtype=torch.float64)
+        noise = torch.randn(shape, generator=gen).double()
         modulation = "mod" in key or "adaLN" in key
         if key.endswith(".scale"):  # RMSNorm scales
             value = 1 + 0.5 * noise
