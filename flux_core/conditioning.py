@@ -67,7 +67,9 @@ def t5_config(state: dict[str, Tensor], overrides: dict | None = None) -> T5Conf
     """A T5 encoder config with the sizes of `state` (keys shared.*, encoder.*): T5 v1.1 (gated-GELU, `wi_0`/`wi_1`)
     or the original T5 (ReLU, `wi`). The relative position bias has one column per head, so heads are known too;
     `overrides` (a config.json) may set the activation, norm epsilon and bias distance."""
-    embedding = state["shared.weight"] if "shared.weight" in state else state["encoder.embed_tokens.weight"]
+    embedding = state.get("shared.weight", state.get("encoder.embed_tokens.weight"))
+    if embedding is None:
+        raise KeyError("shared.weight")
     buckets, heads = state["encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"].shape
     gated = _T5_FF + "wi_0.weight" in state
     fields = dict(
@@ -98,7 +100,7 @@ def load_clip(path, dtype: torch.dtype = torch.bfloat16, device: torch.device | 
     tower = {k: v for k, v in strip_prefix(state, prefix).items() if k.startswith(_CLIP_PARTS)}
     tower.pop("embeddings.position_ids", None)  # old exports store this buffer, sometimes as rounded floats
     weights, scales = _split_quantisation(tower, path.name)
-    config = clip_config(weights, _folder_config(files, "clip_text_model"))
+    config = _infer(clip_config, weights, _folder_config(files, "clip_text_model"), path, "CLIP-L")
     with torch.device("meta"):
         model = CLIPTextModel(config)
         _swap_linears(model)
@@ -106,7 +108,7 @@ def load_clip(path, dtype: torch.dtype = torch.bfloat16, device: torch.device | 
     load_weights(model, {nest + k: v for k, v in weights.items()}, dtype, path.name)
     _apply_scales(model, {nest + k: v for k, v in scales.items()}, path.name)
     getattr(model, "text_model", model).embeddings.position_ids = torch.arange(config.max_position_embeddings)[None]
-    return _ready(model, path, files, prefix, "CLIP-L text encoder", device)
+    return _ready(model, path, files, prefix.removesuffix("text_model."), "CLIP-L text encoder", device)
 
 
 def load_t5(path, dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu") -> T5EncoderModel:
@@ -120,12 +122,12 @@ def load_t5(path, dtype: torch.dtype = torch.bfloat16, device: torch.device | st
         raise _wrong_file(path, state, "t5")
     encoder = {k: v for k, v in strip_prefix(state, prefixes[0]).items() if k.startswith(("shared.", "encoder."))}
     weights, scales = _split_quantisation(encoder, path.name)
-    config = t5_config(weights, _folder_config(files, "t5"))
+    config = _infer(t5_config, weights, _folder_config(files, "t5"), path, "T5")
     if not config.is_gated_act:
         log.warning("%s is an original (non-gated) T5; Flux was trained with T5 v1.1 XXL (t5xxl_fp16.safetensors)", path.name)
     # One embedding table, cast once: transformers ties encoder.embed_tokens to shared (ComfyUI reads shared).
-    table = weights.pop("shared.weight", None)
-    table = weights.pop("encoder.embed_tokens.weight", None) if table is None else table
+    shared, embed_tokens = weights.pop("shared.weight", None), weights.pop("encoder.embed_tokens.weight", None)
+    table = shared if shared is not None else embed_tokens
     if table is not None:
         weights["shared.weight"] = weights["encoder.embed_tokens.weight"] = table.to(dtype)
     with torch.device("meta"):
@@ -164,6 +166,13 @@ class _FeedForward(T5DenseActDense):
 
 
 _FEED_FORWARDS = {T5DenseGatedActDense: _GatedFeedForward, T5DenseActDense: _FeedForward}
+
+
+def _infer(config_of, weights: dict[str, Tensor], overrides: dict, path: Path, what: str):
+    try:
+        return config_of(weights, overrides)
+    except KeyError as err:
+        raise CheckpointError(f"{path.name}: the {what} weights lack {err.args[0]}: the file is incomplete") from None
 
 
 def _check_dtype(dtype: torch.dtype) -> None:

@@ -94,13 +94,20 @@ def test_token_ids_match_transformers_tokenizers(tokenizers):
     assert torch.equal(tokenize(clip_tok, PROMPTS, 77), reference_ids(clip_tok, PROMPTS, 77))
 
 
-@pytest.mark.parametrize("layout", ["comfy", "t5-with-embed_tokens", "all-in-one", "diffusers-root", "diffusers-components"])
+LAYOUTS = ["comfy", "t5-with-embed_tokens", "clip-without-text_model", "all-in-one", "diffusers-root", "diffusers-components"]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
 def test_layouts_reproduce_transformers(layout, tmp_path, tokenizers, shared_dir, comfy_files):
     folder, clip, t5 = comfy_files
     clip_path, t5_path, tokenizer_dirs = folder / "clip_l.safetensors", folder / "t5xxl_fp16.safetensors", [shared_dir / "tokenizers"]
     if layout == "t5-with-embed_tokens":
         t5_path = tmp_path / "t5.safetensors"
         t5 = write_t5(t5_path, seed=3, embed_tokens=True)
+    elif layout == "clip-without-text_model":  # transformers 5's save_pretrained drops the prefix
+        clip = clip_weights(seed=4)
+        clip_path = tmp_path / "clip.safetensors"
+        save_file({k.removeprefix("text_model."): v for k, v in clip.items()}, str(clip_path))
     elif layout == "all-in-one":
         clip, t5 = clip_weights(seed=5, extras=True), t5_weights(seed=6)
         clip_path = t5_path = tmp_path / "flux1-dev-all-in-one.safetensors"
@@ -241,6 +248,8 @@ def _stub(path, **tensors):
         (load_clip, "t5", "is a T5 text encoder, not CLIP-L: give it as the T5 file"),
         (load_t5, "clip", "is a CLIP text encoder, not T5: give it as the CLIP file"),
         (load_clip, "clip_g", "is a CLIP-G text encoder (SDXL / SD3), not the CLIP-L Flux uses: pick clip_l.safetensors"),
+        (load_t5, "stubs", "stubs.safetensors: the T5 weights lack shared.weight: the file is incomplete"),
+        (load_clip, "stubs", "stubs.safetensors: the CLIP-L weights lack encoder.layers.0.mlp.fc1.weight"),
     ],
 )  # fmt: skip
 def test_wrong_files_say_what_they_are(load, file, message, tmp_path, comfy_files):
@@ -255,6 +264,10 @@ def test_wrong_files_say_what_they_are(load, file, message, tmp_path, comfy_file
         "clip_g": lambda: _stub(
             tmp_path / "clip_g.safetensors", text_model__embeddings__token_embedding__weight=w,
             text_model__encoder__layers__30__mlp__fc1__weight=w,
+        ),
+        "stubs": lambda: _stub(  # as the text-encoder stubs of tiny_flux's all-in-one checkpoint
+            tmp_path / "stubs.safetensors", text_encoders__t5xxl__transformer__encoder__block__0__layer__0__SelfAttention__q__weight=w,
+            text_encoders__clip_l__transformer__text_model__embeddings__token_embedding__weight=w,
         ),
     }  # fmt: skip
     with pytest.raises(CheckpointError) as err:

@@ -40,12 +40,12 @@ def tiny_t5_config(
 
 
 def _random(shapes: dict[str, torch.Size], seed: int) -> dict[str, Tensor]:
-    """float64 draws: norm weights around 1, small biases, unit-variance outputs for linears, T5's query scaled
+    """float32 draws: norm weights around 1, small biases, unit-variance outputs for linears, T5's query scaled
     by 1/sqrt(d_kv) as T5's own init (its attention has no 1/sqrt(d) factor)."""
     gen = torch.Generator().manual_seed(seed)
     weights = {}
     for key, shape in shapes.items():
-        noise = torch.randn(shape, generator=gen, dtype=torch.float64)
+        noise = torch.randn(shape, generator=gen)
         if key.endswith("bias"):
             weights[key] = 0.1 * noise
         elif len(shape) == 1:  # LayerNorm / T5LayerNorm weights
@@ -64,7 +64,7 @@ def clip_weights(config: CLIPTextConfig | None = None, seed: int = 0, extras: bo
     with torch.device("meta"):
         tower = CLIPTextModel(config)
     nest = "" if hasattr(tower, "text_model") else "text_model."  # transformers 5 keeps no text_model. in memory
-    weights = {nest + k: v.float() for k, v in _random({k: v.shape for k, v in tower.state_dict().items()}, seed).items()}
+    weights = {nest + k: v for k, v in _random({k: v.shape for k, v in tower.state_dict().items()}, seed).items()}
     if extras:
         width = config.hidden_size
         weights["text_projection.weight"] = torch.randn(width, width, generator=torch.Generator().manual_seed(seed + 1))
@@ -78,7 +78,7 @@ def t5_weights(config: T5Config | None = None, seed: int = 0, embed_tokens: bool
     with torch.device("meta"):
         shapes = {k: v.shape for k, v in T5EncoderModel(config or tiny_t5_config()).state_dict().items()}
     shapes.pop("encoder.embed_tokens.weight")
-    weights = {k: v.float() for k, v in _random(shapes, seed).items()}
+    weights = _random(shapes, seed)
     if embed_tokens:
         weights["encoder.embed_tokens.weight"] = weights["shared.weight"].clone()
     return weights
