@@ -22,6 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
 from diffusers import FluxPipeline  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
 from tiny_text import t5_weights, tiny_t5_config, to_fp8, write_clip_l, write_component  # noqa: E402
 from transformers import CLIPTokenizer, T5EncoderModel, T5TokenizerFast  # noqa: E402
 
@@ -66,17 +67,20 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         config = tiny_t5_config(args.width, args.heads, args.layers, args.ff)
-        write_component(tmp / "text_encoder_2", t5_weights(config), config, dtype, shards=2)
+        folder = tmp / "text_encoder_2"
+        write_component(folder, t5_weights(config), config, dtype, shards=2)
         write_clip_l(tmp / "clip_l.safetensors")  # tiny: TextEncoders holds a CLIP beside the T5
         clip_tokenizer = CLIPTokenizer.from_pretrained(args.tokenizers / "clip_l")
         tokenizer = T5TokenizerFast.from_pretrained(args.tokenizers / "t5_xxl")
 
-        t5, ours_load = timed(lambda: load_t5(tmp / "text_encoder_2", dtype), device)
+        t5, ours_load = timed(lambda: load_t5(folder, dtype), device)
         ours = TextEncoders(load_clip(tmp / "clip_l.safetensors", dtype), t5, clip_tokenizer, tokenizer)
         _, ours_move = timed(lambda: ours.to(device), device)
-        peer_model, peer_load = timed(lambda: T5EncoderModel.from_pretrained(tmp / "text_encoder_2", dtype=dtype), device)
+        peer_model, peer_load = timed(lambda: T5EncoderModel.from_pretrained(folder, dtype=dtype), device)
         _, peer_move = timed(lambda: peer_model.to(device), device)
-        pipe = types.SimpleNamespace(tokenizer_2=tokenizer, text_encoder_2=peer_model, _execution_device=device, tokenizer_max_length=77)
+        pipe = types.SimpleNamespace(  # what _get_t5_prompt_embeds reads off the pipeline
+            tokenizer_2=tokenizer, text_encoder_2=peer_model, _execution_device=device, tokenizer_max_length=77
+        )
 
         def run_ours():
             return ours.encode_t5(prompts, args.tokens)
@@ -87,8 +91,9 @@ def main() -> None:
 
         diff = (run_ours().float() - run_peer().float()).abs().max().item()
         times = {"ours": [], "peer": []}
+        pair = (("ours", run_ours), ("peer", run_peer))
         for i in range(args.warmup + args.repeats):
-            for name, fn in (("ours", run_ours), ("peer", run_peer)) if i % 2 else (("peer", run_peer), ("ours", run_ours)):
+            for name, fn in pair if i % 2 else pair[::-1]:
                 seconds = timed(fn, device)[1]
                 if i >= args.warmup:
                     times[name].append(seconds)
@@ -105,13 +110,11 @@ def main() -> None:
         del peer_model, pipe
         if args.fp8:
             stored, _ = to_fp8(t5_weights(config), scaled=False)
-            from safetensors.torch import save_file
-
             save_file(stored, str(tmp / "t5xxl_fp8_e4m3fn.safetensors"))
             del stored
             ours.offload()
-            fp8 = TextEncoders(ours.clip, load_t5(tmp / "t5xxl_fp8_e4m3fn.safetensors", dtype), clip_tokenizer, tokenizer)
-            fp8.to(device)
+            fp8_t5 = load_t5(tmp / "t5xxl_fp8_e4m3fn.safetensors", dtype)
+            fp8 = TextEncoders(ours.clip, fp8_t5, clip_tokenizer, tokenizer).to(device)
             run_fp8 = lambda: fp8.encode_t5(prompts, args.tokens)  # noqa: E731
             for _ in range(args.warmup):
                 run_fp8()

@@ -19,7 +19,15 @@ from torch import Tensor, nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5TokenizerFast
 from transformers.models.t5.modeling_t5 import T5DenseActDense, T5DenseGatedActDense
 
-from .checkpoint import CheckpointError, identify, load_safetensors, load_weights, strip_prefix, weight_files, wrong_file_error
+from .checkpoint import (
+    CheckpointError,
+    identify,
+    load_safetensors,
+    load_weights,
+    strip_prefix,
+    weight_files,
+    wrong_file_error,
+)
 from .loading import _split_quantisation, count_blocks
 from .ops import FP8_DTYPES, Linear
 
@@ -37,7 +45,10 @@ _T5_QUERY = "encoder.block.0.layer.0.SelfAttention.q.weight"
 _T5_FF = "encoder.block.0.layer.1.DenseReluDense."
 
 # Tokenizers: the files that make one, the class that reads it, where diffusers and ComfyUI keep it.
-_TOKENIZER_FILES = {"clip": (("vocab.json", "merges.txt"), ("tokenizer.json",)), "t5": (("spiece.model",), ("tokenizer.json",))}
+_TOKENIZER_FILES = {
+    "clip": (("vocab.json", "merges.txt"), ("tokenizer.json",)),
+    "t5": (("spiece.model",), ("tokenizer.json",)),
+}
 _TOKENIZER_CLASSES = {"clip": CLIPTokenizer, "t5": T5TokenizerFast}
 _TOKENIZER_SUBDIRS = {"clip": ("tokenizer", "clip_l", "sd1_tokenizer"), "t5": ("tokenizer_2", "t5_xxl", "t5_tokenizer")}
 _COMFY_TOKENIZERS = {"clip": "sd1_tokenizer", "t5": "text_encoders/t5_tokenizer"}
@@ -59,7 +70,8 @@ def clip_config(state: dict[str, Tensor], overrides: dict | None = None) -> CLIP
         max_position_embeddings=state["embeddings.position_embedding.weight"].shape[0], hidden_act="quick_gelu",
         layer_norm_eps=1e-5, bos_token_id=0, eos_token_id=49407, pad_token_id=1, projection_dim=768,
     )  # fmt: skip
-    fields.update({k: v for k, v in (overrides or {}).items() if k in ("num_attention_heads", "hidden_act", "layer_norm_eps")})
+    keep = ("num_attention_heads", "hidden_act", "layer_norm_eps")
+    fields.update({k: v for k, v in (overrides or {}).items() if k in keep})
     return CLIPTextConfig(**fields)
 
 
@@ -124,7 +136,7 @@ def load_t5(path, dtype: torch.dtype = torch.bfloat16, device: torch.device | st
     weights, scales = _split_quantisation(encoder, path.name)
     config = _infer(t5_config, weights, _folder_config(files, "t5"), path, "T5")
     if not config.is_gated_act:
-        log.warning("%s is an original (non-gated) T5; Flux was trained with T5 v1.1 XXL (t5xxl_fp16.safetensors)", path.name)
+        log.warning("%s is an original (non-gated) T5; Flux was trained with T5 v1.1 XXL (t5xxl_fp16)", path.name)
     # One embedding table, cast once: transformers ties encoder.embed_tokens to shared (ComfyUI reads shared).
     shared, embed_tokens = weights.pop("shared.weight", None), weights.pop("encoder.embed_tokens.weight", None)
     table = shared if shared is not None else embed_tokens
@@ -294,7 +306,7 @@ def tokenizer_places(which: str, tokenizer_dirs: Sequence = (), model_path=None,
 
 
 def is_tokenizer_dir(folder: Path, which: str) -> bool:
-    """Holds the `which` tokenizer's files, and its tokenizer_config.json (if any) names that tokenizer's class."""
+    """Holds the `which` tokenizer's files, and its tokenizer_config.json (if any) does not name the other's class."""
     if not any(all((folder / f).is_file() for f in group) for group in _TOKENIZER_FILES[which]):
         return False
     config = folder / "tokenizer_config.json"
@@ -302,7 +314,7 @@ def is_tokenizer_dir(folder: Path, which: str) -> bool:
         named = json.loads(config.read_text()).get("tokenizer_class") if config.is_file() else None
     except (json.JSONDecodeError, AttributeError):
         named = None
-    return not isinstance(named, str) or named.upper().startswith(which.upper())
+    return not isinstance(named, str) or not named.startswith("T5" if which == "clip" else "CLIP")
 
 
 def find_tokenizer(which: str, tokenizer_dirs: Sequence = (), model_path=None, comfy_root=None) -> Path:
@@ -312,7 +324,7 @@ def find_tokenizer(which: str, tokenizer_dirs: Sequence = (), model_path=None, c
         if is_tokenizer_dir(place, which):
             return place
     looked = "\n".join(f"  {p}{'' if p.is_dir() else ' (no such folder)'}" for p in places) or "  nowhere"
-    comfy = "" if comfy_package_dir(comfy_root) else "\n  (no ComfyUI: no comfy_root given and no importable `comfy` package)"
+    comfy = "" if comfy_package_dir(comfy_root) else "\n  (no ComfyUI: no comfy_root, no importable `comfy` package)"
     files = " or ".join("+".join(group) for group in _TOKENIZER_FILES[which])
     raise FileNotFoundError(
         f"No {_NAMES[which]} tokenizer found (a folder with {files}). Looked in:\n{looked}{comfy}\n"
@@ -409,19 +421,22 @@ class TextEncoders:
         return self.clip(input_ids=ids, attention_mask=None, output_hidden_states=False).pooler_output
 
     @torch.no_grad()
-    def encode_t5(self, prompts: str | list[str], max_length: int = T5_MAX_LENGTH_DEV) -> Tensor:  # (B, max_length, 4096)
-        """No attention mask, as BFL: the pad tokens are attended to, so the pad length changes every state."""
+    def encode_t5(self, prompts: str | list[str], max_length: int = T5_MAX_LENGTH_DEV) -> Tensor:
+        """(B, max_length, 4096). No attention mask, as BFL: pads are attended to; the pad length moves every state."""
         ids = tokenize(self.t5_tokenizer, _prompt_list(prompts), max_length).to(self.device)
         return self.t5(input_ids=ids, attention_mask=None, output_hidden_states=False).last_hidden_state
 
     def encode(
-        self, prompts_clip: str | list[str], prompts_t5: str | list[str] | None = None, t5_max_length: int = T5_MAX_LENGTH_DEV
+        self,
+        prompts_clip: str | list[str],
+        prompts_t5: str | list[str] | None = None,
+        t5_max_length: int = T5_MAX_LENGTH_DEV,
     ) -> tuple[Tensor, Tensor]:
         """(txt (B, t5_max_length, 4096), y (B, 768)); T5 reads `prompts_clip` too when `prompts_t5` is None."""
         prompts_clip = _prompt_list(prompts_clip)
         prompts_t5 = prompts_clip if prompts_t5 is None else _prompt_list(prompts_t5)
         if len(prompts_t5) != len(prompts_clip):
-            raise ValueError(f"{len(prompts_clip)} CLIP prompts but {len(prompts_t5)} T5 prompts: give one of each per image")
+            raise ValueError(f"{len(prompts_clip)} CLIP prompts but {len(prompts_t5)} T5 prompts: one each per image")
         return self.encode_t5(prompts_t5, t5_max_length), self.encode_clip(prompts_clip)
 
 

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from tiny_text import (
     CLIP_PREFIX,
     T5_PREFIX,
@@ -62,11 +62,11 @@ def comfy_files(tmp_path_factory):
 
 
 def reference_ids(tokenizer, prompts, length):
-    kwargs = dict(truncation=True, max_length=length, padding="max_length", return_length=False, return_overflowing_tokens=False)
-    return tokenizer(prompts, return_tensors="pt", **kwargs)["input_ids"]
+    kwargs = dict(truncation=True, padding="max_length", return_length=False, return_overflowing_tokens=False)
+    return tokenizer(prompts, max_length=length, return_tensors="pt", **kwargs)["input_ids"]
 
 
-def reference(tmp_path, tokenizers, clip, t5, clip_cfg=None, t5_cfg=None, dtype=torch.float32, t5_length=512, prompts=PROMPTS):
+def reference(tmp_path, tokenizers, clip, t5, clip_cfg=None, t5_cfg=None, dtype=torch.float32):
     """(txt, y) from transformers' models loaded the normal way (from_pretrained of a folder with these weights)."""
     tower = {k: v for k, v in clip.items() if k.startswith("text_model.") and not k.endswith("position_ids")}
     write_component(tmp_path / "ref_clip", tower, clip_cfg or tiny_clip_config())
@@ -74,8 +74,8 @@ def reference(tmp_path, tokenizers, clip, t5, clip_cfg=None, t5_cfg=None, dtype=
     ref_clip = CLIPTextModel.from_pretrained(tmp_path / "ref_clip", dtype=dtype)
     ref_t5 = T5EncoderModel.from_pretrained(tmp_path / "ref_t5", dtype=dtype)
     with torch.no_grad():
-        y = ref_clip(input_ids=reference_ids(tokenizers[0], prompts, 77)).pooler_output
-        txt = ref_t5(input_ids=reference_ids(tokenizers[1], prompts, t5_length)).last_hidden_state
+        y = ref_clip(input_ids=reference_ids(tokenizers[0], PROMPTS, 77)).pooler_output
+        txt = ref_t5(input_ids=reference_ids(tokenizers[1], PROMPTS, 512)).last_hidden_state
     return txt, y
 
 
@@ -94,13 +94,16 @@ def test_token_ids_match_transformers_tokenizers(tokenizers):
     assert torch.equal(tokenize(clip_tok, PROMPTS, 77), reference_ids(clip_tok, PROMPTS, 77))
 
 
-LAYOUTS = ["comfy", "t5-with-embed_tokens", "clip-without-text_model", "all-in-one", "diffusers-root", "diffusers-components"]
+LAYOUTS = [
+    "comfy", "t5-with-embed_tokens", "clip-without-text_model", "all-in-one", "diffusers-root", "diffusers-components"
+]
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_layouts_reproduce_transformers(layout, tmp_path, tokenizers, shared_dir, comfy_files):
     folder, clip, t5 = comfy_files
-    clip_path, t5_path, tokenizer_dirs = folder / "clip_l.safetensors", folder / "t5xxl_fp16.safetensors", [shared_dir / "tokenizers"]
+    clip_path, t5_path = folder / "clip_l.safetensors", folder / "t5xxl_fp16.safetensors"
+    tokenizer_dirs = [shared_dir / "tokenizers"]
     if layout == "t5-with-embed_tokens":
         t5_path = tmp_path / "t5.safetensors"
         t5 = write_t5(t5_path, seed=3, embed_tokens=True)
@@ -166,11 +169,22 @@ def test_fp8_t5_stays_fp8_and_matches_dequantised(fp8, tmp_path, tokenizers, com
     torch.testing.assert_close(out.float(), ref_txt, rtol=0, atol=0.05 * ref_txt.abs().max().item())
 
 
+def test_scale_beside_a_float_weight_is_folded_in(tmp_path, tokenizers, comfy_files):
+    folder, clip, t5 = comfy_files
+    stored = load_file(folder / "t5xxl_fp16.safetensors")
+    layer = "encoder.block.1.layer.1.DenseReluDense.wo"
+    stored[f"{layer}.weight"], stored[f"{layer}.scale_weight"] = stored[f"{layer}.weight"] * 4, torch.tensor(0.25)
+    save_file(stored, str(tmp_path / "t5_scaled.safetensors"))
+    pair = encoders(folder / "clip_l.safetensors", tmp_path / "t5_scaled.safetensors", tokenizers)
+    torch.testing.assert_close(pair.encode_t5(PROMPTS), reference(tmp_path, tokenizers, clip, t5)[0], rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_dtypes_match_transformers_from_pretrained(dtype, tmp_path, tokenizers, comfy_files):
     """fp16 keeps T5's wo in float32 as transformers does (its _keep_in_fp32_modules), without storing it so."""
     folder, clip, t5 = comfy_files
-    txt, y = encoders(folder / "clip_l.safetensors", folder / "t5xxl_fp16.safetensors", tokenizers, dtype).encode(PROMPTS)
+    pair = encoders(folder / "clip_l.safetensors", folder / "t5xxl_fp16.safetensors", tokenizers, dtype)
+    txt, y = pair.encode(PROMPTS)
     ref_txt, ref_y = reference(tmp_path, tokenizers, clip, t5, dtype=dtype)
     assert txt.dtype == y.dtype == dtype
     torch.testing.assert_close(y, ref_y, rtol=0, atol=0)
@@ -242,12 +256,12 @@ def _stub(path, **tensors):
 @pytest.mark.parametrize(
     "load, file, message",
     [
-        (load_clip, "flux", "is a Flux transformer (BFL layout), not a CLIP-L text encoder. Load it with the diffusion model loader"),
+        (load_clip, "flux", "is a Flux transformer (BFL layout), not a CLIP-L text encoder. Load it with the diffusion model"),
         (load_t5, "vae", "is a Flux VAE / autoencoder, not a T5 text encoder. Load it with the VAE loader"),
         (load_t5, "lora", "is a LoRA, not a T5 text encoder. Load it with a LoRA loader"),
         (load_clip, "t5", "is a T5 text encoder, not CLIP-L: give it as the T5 file"),
         (load_t5, "clip", "is a CLIP text encoder, not T5: give it as the CLIP file"),
-        (load_clip, "clip_g", "is a CLIP-G text encoder (SDXL / SD3), not the CLIP-L Flux uses: pick clip_l.safetensors"),
+        (load_clip, "clip_g", "is a CLIP-G text encoder (SDXL / SD3), not the CLIP-L Flux uses: pick clip_l"),
         (load_t5, "stubs", "stubs.safetensors: the T5 weights lack shared.weight: the file is incomplete"),
         (load_clip, "stubs", "stubs.safetensors: the CLIP-L weights lack encoder.layers.0.mlp.fc1.weight"),
     ],
@@ -256,9 +270,9 @@ def test_wrong_files_say_what_they_are(load, file, message, tmp_path, comfy_file
     folder, _, _ = comfy_files
     w = torch.zeros(2, 2)
     paths = {
-        "flux": lambda: _stub(tmp_path / "flux1-dev.safetensors", double_blocks__0__img_attn__norm__key_norm__scale=w[0]),
+        "flux": lambda: _stub(tmp_path / "flux1.safetensors", double_blocks__0__img_attn__norm__key_norm__scale=w[0]),
         "vae": lambda: _stub(tmp_path / "ae.safetensors", decoder__up__0__block__0__conv1__weight=w),
-        "lora": lambda: _stub(tmp_path / "lora.safetensors", lora_te1_text_model_encoder_layers_0_mlp_fc1__lora_down__weight=w),
+        "lora": lambda: _stub(tmp_path / "lora.safetensors", lora_te1_text_model_encoder_layers_0__lora_down__weight=w),
         "t5": lambda: folder / "t5xxl_fp16.safetensors",
         "clip": lambda: folder / "clip_l.safetensors",
         "clip_g": lambda: _stub(
@@ -266,7 +280,8 @@ def test_wrong_files_say_what_they_are(load, file, message, tmp_path, comfy_file
             text_model__encoder__layers__30__mlp__fc1__weight=w,
         ),
         "stubs": lambda: _stub(  # as the text-encoder stubs of tiny_flux's all-in-one checkpoint
-            tmp_path / "stubs.safetensors", text_encoders__t5xxl__transformer__encoder__block__0__layer__0__SelfAttention__q__weight=w,
+            tmp_path / "stubs.safetensors",
+            text_encoders__t5xxl__transformer__encoder__block__0__layer__0__SelfAttention__q__weight=w,
             text_encoders__clip_l__transformer__text_model__embeddings__token_embedding__weight=w,
         ),
     }  # fmt: skip
@@ -299,17 +314,21 @@ def test_original_relu_t5_loads_with_a_warning(tmp_path, tokenizers, caplog, com
     with caplog.at_level(logging.WARNING, logger="flux_core.conditioning"):
         pair = encoders(folder / "clip_l.safetensors", tmp_path / "t5_base.safetensors", tokenizers)
     assert "original (non-gated) T5" in caplog.text
-    torch.testing.assert_close(pair.encode_t5(PROMPTS), reference(tmp_path, tokenizers, clip, t5, t5_cfg=cfg)[0], rtol=0, atol=1e-6)
+    ref_txt, _ = reference(tmp_path, tokenizers, clip, t5, t5_cfg=cfg)
+    torch.testing.assert_close(pair.encode_t5(PROMPTS), ref_txt, rtol=0, atol=1e-6)
 
 
 def test_offload_returns_to_the_loaded_tensors(tokenizers, comfy_files):
     folder, _, _ = comfy_files
     pair = encoders(folder / "clip_l.safetensors", folder / "t5xxl_fp16.safetensors", tokenizers, torch.float16)
     before = pair.encode(CAT)
-    pointers = [p.data_ptr() for p in (*pair.clip.parameters(), *pair.t5.parameters())]
+    def pointers():
+        return [p.data_ptr() for p in (*pair.clip.parameters(), *pair.t5.parameters())]
+
+    loaded = pointers()
     with pair.on("meta"):
         assert pair.device.type == "meta" and all(p.is_meta for p in pair.t5.parameters())
-    assert pair.device.type == "cpu" and [p.data_ptr() for p in (*pair.clip.parameters(), *pair.t5.parameters())] == pointers
+    assert pair.device.type == "cpu" and pointers() == loaded
     assert pair.t5.encoder.embed_tokens.weight is pair.t5.shared.weight
     for got, want in zip(pair.encode(CAT), before):
         assert torch.equal(got, want)

@@ -29,7 +29,7 @@ def tiny_clip_config(width: int = 64, layers: int = 2, ff: int = 128, heads: int
 
 
 def tiny_t5_config(
-    width: int = 32, heads: int = 2, layers: int = 2, ff: int = 64, gated: bool = True, d_kv: int = 64, act: str | None = None
+    width=32, heads=2, layers=2, ff=64, gated: bool = True, d_kv: int = 64, act: str | None = None
 ) -> T5Config:
     """T5 v1.1's config (shared/configs/t5_xxl.json) at a tiny size; `gated=False` gives the original ReLU T5."""
     return T5Config(
@@ -121,7 +121,7 @@ def write_clip_l(path, config=None, seed: int = 0, dtype=torch.float16, extras: 
     return _save(path, clip_weights(config, seed, extras), dtype, prefix)
 
 
-def write_t5(path, config=None, seed: int = 0, dtype=torch.float16, fp8: str | None = None, embed_tokens: bool = False, prefix: str = ""):
+def write_t5(path, config=None, seed=0, dtype=torch.float16, fp8: str | None = None, embed_tokens=False, prefix=""):
     """t5xxl_fp16.safetensors as ComfyUI has it; fp8="plain" / "scaled" writes the t5xxl_fp8_e4m3fn(_scaled) variant
     and returns its dequantised weights."""
     weights = t5_weights(config, seed, embed_tokens)
@@ -133,9 +133,14 @@ def write_t5(path, config=None, seed: int = 0, dtype=torch.float16, fp8: str | N
 
 
 def write_all_in_one(path, clip: dict[str, Tensor], t5: dict[str, Tensor]) -> None:
-    """A ComfyUI all-in-one checkpoint: both encoders under their prefixes, beside (stub) transformer and VAE tensors."""
-    stubs = {"model.diffusion_model.double_blocks.0.img_attn.norm.key_norm.scale": torch.ones(4), "vae.decoder.conv_in.weight": torch.ones(4, 4, 3, 3)}
-    save_file({**stubs, **{CLIP_PREFIX + k: v for k, v in clip.items()}, **{T5_PREFIX + k: v for k, v in t5.items()}}, str(path))
+    """A ComfyUI all-in-one checkpoint: both encoders under their prefixes, beside stub transformer and VAE tensors."""
+    tensors = {
+        "model.diffusion_model.double_blocks.0.img_attn.norm.key_norm.scale": torch.ones(4),
+        "vae.decoder.conv_in.weight": torch.ones(4, 4, 3, 3),
+        **{CLIP_PREFIX + k: v for k, v in clip.items()},
+        **{T5_PREFIX + k: v for k, v in t5.items()},
+    }
+    save_file(tensors, str(path))
 
 
 def write_component(folder, weights: dict[str, Tensor], config, dtype=torch.float32, shards: int = 1) -> None:
@@ -152,7 +157,8 @@ def write_component(folder, weights: dict[str, Tensor], config, dtype=torch.floa
         name = f"model-{n + 1:05d}-of-{shards:05d}.safetensors"
         _save(folder / name, {k: weights[k] for k in keys[n::shards]}, dtype)
         weight_map.update(dict.fromkeys(keys[n::shards], name))
-    index = {"metadata": {"total_size": sum(v.numel() * dtype.itemsize for v in weights.values())}, "weight_map": weight_map}
+    total = sum(v.numel() * dtype.itemsize for v in weights.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (folder / "model.safetensors.index.json").write_text(json.dumps(index))
 
 
