@@ -393,6 +393,9 @@ class TextEncoders:
         return self.t5.encoder.final_layer_norm.weight.dtype
 
     def to(self, device: torch.device | str) -> "TextEncoders":
+        device = torch.empty(0, device=device).device  # "cuda" -> "cuda:0", to compare
+        if device == self.device:
+            return self
         moved = {key: tensor.to(device) for key, tensor in self._home_tensors.items()}
         parameters = {}
         for module, name, key in self._slots:
