@@ -99,10 +99,28 @@ class AttnBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         b, c, h, w = x.shape
-        normed = self.norm(x)
-        q, k, v = (proj(normed).flatten(2).transpose(1, 2).unsqueeze(1) for proj in (self.q, self.k, self.v))  # (B, 1, hw, C)
-        out = F.scaled_dot_product_attention(q, k, v).squeeze(1).transpose(1, 2).reshape(b, c, h, w)
-        return self.proj_out(out).add_(x)
+        tokens = self.norm(x).flatten(2).transpose(1, 2)  # (B, hw, C)
+        # the 1x1 convs as matmuls on tokens: q, k, v come out contiguous, as the fused attention kernels need
+        q, k, v = (_as_linear(proj, tokens).unsqueeze(1) for proj in (self.q, self.k, self.v))  # (B, 1, hw, C)
+        out = _as_linear(self.proj_out, _chunked_attention(q, k, v).squeeze(1))  # (B, hw, C)
+        return x + out.transpose(1, 2).reshape(b, c, h, w)
+
+
+def _as_linear(conv: nn.Conv2d, tokens: Tensor) -> Tensor:
+    return F.linear(tokens, conv.weight.flatten(1), conv.bias)
+
+
+MAX_ATTENTION_SCORES = 2**28
+
+
+def _chunked_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """SDPA in query chunks of at most MAX_ATTENTION_SCORES scores each: the head dim (512) is beyond the flash
+    kernels' limit, and a kernel that materialises the (hw x hw) scores needs 8 GiB at 2048 px in bf16."""
+    length = q.shape[-2]
+    chunk = max(1, MAX_ATTENTION_SCORES // k.shape[-2])
+    if chunk >= length:
+        return F.scaled_dot_product_attention(q, k, v)
+    return torch.cat([F.scaled_dot_product_attention(q[..., i : i + chunk, :], k, v) for i in range(0, length, chunk)], dim=-2)
 
 
 class Downsample(nn.Module):
