@@ -167,8 +167,8 @@ def test_wrong_files_are_named(tmp_path, writer, name, message):
         (lambda ae: ae.encode(torch.zeros(3, 64, 64)), r"image must be \(batch, 3, height, width\)"),
         (lambda ae: ae.encode(torch.zeros(1, 3, 60, 64)), "60x64 .* not a positive multiple of 8.*56x64"),
         (lambda ae: ae.encode_tiled(torch.zeros(1, 3, 64, 68)), "not a positive multiple of 8"),
-        (lambda ae: ae.decode_tiled(torch.zeros(1, 16, 8, 8), tile_size=100), "must be multiples of 8"),
-        (lambda ae: ae.decode_tiled(torch.zeros(1, 16, 8, 8), tile_size=64, overlap=64), "overlap < tile_size"),
+        (lambda ae: ae.decode_tiled(torch.zeros(1, 16, 8, 8), tile_size=32), "tile_size must be >= 64 px"),
+        (lambda ae: ae.encode_tiled(torch.zeros(1, 3, 64, 64), overlap=-8), "overlap >= 0"),
     ],
 )
 def test_bad_inputs_are_named(tiny_ae, call, message):
@@ -194,6 +194,13 @@ def test_one_tile_is_exactly_untiled(tiny_ae):
     assert torch.equal(tiny_ae.decode_tiled(latent, tile_size=128), tiny_ae.decode(latent))
     image = smooth_image(80, 56)
     assert torch.equal(tiny_ae.encode_tiled(image, tile_size=128), tiny_ae.encode(image))
+
+
+def test_tile_sizes_are_taken_as_comfyui_takes_them(tiny_ae):
+    """Floored to whole latent cells; the overlap cut to a quarter tile."""
+    latent = torch.randn(1, 16, 20, 14, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(tiny_ae.decode_tiled(latent, 64, 64), tiny_ae.decode_tiled(latent, 64, 16))
+    assert torch.equal(tiny_ae.decode_tiled(latent, 71, 23), tiny_ae.decode_tiled(latent, 64, 16))
 
 
 def test_tiled_is_close_to_untiled(tiny_ae):
