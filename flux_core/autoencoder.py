@@ -120,7 +120,8 @@ def _chunked_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     chunk = max(1, MAX_ATTENTION_SCORES // k.shape[-2])
     if chunk >= length:
         return F.scaled_dot_product_attention(q, k, v)
-    return torch.cat([F.scaled_dot_product_attention(q[..., i : i + chunk, :], k, v) for i in range(0, length, chunk)], dim=-2)
+    parts = [F.scaled_dot_product_attention(q[..., i : i + chunk, :], k, v) for i in range(0, length, chunk)]
+    return torch.cat(parts, dim=-2)
 
 
 class Downsample(nn.Module):
@@ -162,7 +163,8 @@ class Level(nn.Module):
 class MidBlock(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
-        self.block_1, self.attn_1, self.block_2 = ResnetBlock(channels, channels), AttnBlock(channels), ResnetBlock(channels, channels)
+        self.block_1, self.attn_1 = ResnetBlock(channels, channels), AttnBlock(channels)
+        self.block_2 = ResnetBlock(channels, channels)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.block_2(self.attn_1(self.block_1(x)))
@@ -303,7 +305,10 @@ class AutoEncoder(nn.Module):
         if latent.shape[1] != z:
             hint = ""
             if latent.shape[1] == 4:
-                hint = " -- 4-channel latents come from SD1.x/SDXL (e.g. EmptyLatentImage); use EmptySD3LatentImage or a Flux VAE encode"
+                hint = (
+                    " -- 4-channel latents come from SD1.x/SDXL (e.g. EmptyLatentImage); "
+                    "use EmptySD3LatentImage or a Flux VAE encode"
+                )
             raise ValueError(f"latent has {latent.shape[1]} channels but this Flux VAE takes {z}-channel latents{hint}")
 
 
@@ -417,7 +422,7 @@ def _resolve_files(path: Path) -> tuple[Path, dict]:
 
 
 def _ae_state_dict(tensors: dict[str, Tensor], path: Path) -> dict[str, Tensor]:
-    """The AE's tensors in BFL names, whatever the layout and prefix (`vae.`, `first_stage_model.` in all-in-one files)."""
+    """The AE's tensors in BFL names, whatever the layout and prefix (`vae.`, `first_stage_model.` in all-in-ones)."""
     for signature, convert in ((_BFL_SIGNATURE, None), (_DIFFUSERS_SIGNATURE, _from_diffusers)):
         key = next((k for k in tensors if k == signature or k.endswith("." + signature)), None)
         if key is not None:
@@ -426,7 +431,9 @@ def _ae_state_dict(tensors: dict[str, Tensor], path: Path) -> dict[str, Tensor]:
     raise wrong_file_error(path, identify(tensors), "a Flux VAE")
 
 
-def infer_params(state_dict: dict[str, Tensor], source: str = "state dict", config: dict | None = None) -> AutoEncoderParams:
+def infer_params(
+    state_dict: dict[str, Tensor], source: str = "state dict", config: dict | None = None
+) -> AutoEncoderParams:
     """AutoEncoderParams from the shapes of a BFL-named state dict; scale and shift from a diffusers config if given."""
     def shape(key: str) -> torch.Size:
         if key not in state_dict:

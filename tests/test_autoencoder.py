@@ -9,7 +9,9 @@ from safetensors.torch import save_file
 
 from flux_core.autoencoder import AutoEncoder, AutoEncoderParams, load_autoencoder, run_tiled
 from flux_core.checkpoint import CheckpointError
-from tiny_ae import bfl_to_diffusers_vae, diffusers_vae_config, random_ae_weights, tiny_ae_params, write_ae_bfl, write_ae_diffusers_folder
+from tiny_ae import (
+    bfl_to_diffusers_vae, diffusers_vae_config, random_ae_weights, tiny_ae_params, write_ae_bfl, write_ae_diffusers_folder,
+)
 from tiny_flux import random_weights, tiny_params, write_flux_bfl
 from tiny_text import write_clip_l, write_t5
 
