@@ -1,0 +1,193 @@
+"""Training a seq2seq Flux: AdamW, warmup + cosine learning rate, gradient clipping and accumulation, EMA weights,
+optional bf16 autocast, checkpoints that resume bit-identically (weights, EMA, optimizer, step, RNG states)."""
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from ..checkpoint import load_safetensors, strip_prefix
+from ..model import Flux, FluxParams
+from ..sampling import FlowMatch
+from .core import MODEL_FILE, Layout, Seq2Seq, Task, read_params, save_run, write_atomic
+
+STATE_FILE, TRAIN_STATE_FILE = "state.safetensors", "train_state.json"
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 16
+    grad_accum: int = 1  # micro-batches of batch_size per optimizer step
+    lr: float = 1e-3
+    warmup: int = 50  # steps of linear warmup, then cosine decay to lr * min_lr
+    min_lr: float = 0.1
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.99
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables
+    ema_decay: float = 0.995
+    bf16: bool = False  # bf16 autocast of the forward pass
+    time_dist: str = "logit_normal"  # uniform | logit_normal (a = mean, b = std) | beta (Beta(a, b))
+    time_a: float = 0.0
+    time_b: float = 1.0
+    seed: int = 0  # model init, data and noise streams
+    save_every: int = 0  # checkpoint every N steps when training into a run dir; 0: at the end only
+
+    def lr_at(self, step: int) -> float:
+        if step < self.warmup:
+            return self.lr * (step + 1) / self.warmup
+        progress = min(1.0, (step - self.warmup) / max(1, self.steps - self.warmup))
+        return self.lr * (self.min_lr + (1 - self.min_lr) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def init_model(params: FluxParams, seed: int) -> Flux:
+    """A seeded Flux with the output layer and every modulation zeroed (adaLN-zero, as DiT): each block starts as the
+    identity and the first prediction is 0, which trains faster and more stably from scratch."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Flux(params)
+    zeroed = [model.final_layer.linear, model.final_layer.adaLN_modulation[1]]
+    zeroed += [block.img_mod.lin for block in model.double_blocks] + [block.txt_mod.lin for block in model.double_blocks]
+    zeroed += [block.modulation.lin for block in model.single_blocks]
+    with torch.no_grad():
+        for linear in zeroed:
+            linear.weight.zero_()
+            linear.bias.zero_()
+    return model
+
+
+class Trainer:
+    def __init__(
+        self,
+        params: FluxParams,
+        task: Task,
+        config: TrainConfig,
+        flow: FlowMatch | None = None,
+        device: str | torch.device = "cpu",
+    ):
+        check_task(params, task)
+        self.task, self.config, self.device = task, config, torch.device(device)
+        model = init_model(params, config.seed).to(self.device)
+        self.run = Seq2Seq(model, task.layout, flow or FlowMatch(shift=False))
+        self.ema = {name: p.detach().clone() for name, p in model.named_parameters()}
+        self.optimizer = torch.optim.AdamW(
+            model.parameters(), lr=config.lr, betas=(config.beta1, config.beta2), weight_decay=config.weight_decay
+        )
+        self.data_rng = torch.Generator().manual_seed(config.seed)
+        self.noise_rng = torch.Generator().manual_seed(config.seed + 1)
+        self.step = 0
+        self.losses: list[float] = []  # per optimizer step
+
+    def train_step(self) -> float:
+        cfg, model = self.config, self.run.model
+        for group in self.optimizer.param_groups:
+            group["lr"] = cfg.lr_at(self.step)
+        self.optimizer.zero_grad(set_to_none=True)
+        total = 0.0
+        for _ in range(cfg.grad_accum):
+            batch = self.task.batch(cfg.batch_size, self.data_rng).to(self.device)
+            t = self.run.flow.sample_t(
+                cfg.batch_size, self.noise_rng, cfg.time_dist, cfg.time_a, cfg.time_b, seq_len=batch.data.shape[1]
+            )
+            with torch.autocast(self.device.type, torch.bfloat16, enabled=cfg.bf16):
+                loss = self.run.loss(batch, t, self.noise_rng) / cfg.grad_accum
+            loss.backward()
+            total += loss.item()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        self.optimizer.step()
+        self.step += 1
+        self._update_ema()
+        self.losses.append(total)
+        return total
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        decay = min(self.config.ema_decay, (1 + self.step) / (10 + self.step))  # short memory early on
+        for name, p in self.run.model.named_parameters():
+            self.ema[name].lerp_(p, 1 - decay)
+
+    def train(self, run_dir: str | os.PathLike | None = None, until: int | None = None, progress: bool = True) -> None:
+        """Train up to step `until` (default config.steps), checkpointing into `run_dir` when given."""
+        end, every = until or self.config.steps, self.config.save_every
+        with tqdm(total=end, initial=self.step, desc="train", unit="step", disable=not progress) as bar:
+            while self.step < end:
+                self.train_step()
+                recent = self.losses[-20:]
+                bar.set_postfix(loss=f"{sum(recent) / len(recent):.4f}", lr=f"{self.config.lr_at(self.step):.1e}")
+                bar.update()
+                if run_dir is not None and every and self.step % every == 0 and self.step < end:
+                    self.save(run_dir)
+        if run_dir is not None:
+            self.save(run_dir)
+
+    def ema_run(self) -> Seq2Seq:
+        """A copy of the model holding the EMA weights, for sampling."""
+        model = Flux(self.run.model.params).to(self.device)
+        model.load_state_dict(self.ema)
+        return Seq2Seq(model.eval(), self.run.layout, self.run.flow)
+
+    def save(self, run_dir: str | os.PathLike) -> None:
+        run_dir = Path(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_run(run_dir, self.run, self.ema, self.task.describe())
+        state = {f"model.{k}": v for k, v in self.run.model.state_dict().items()}
+        for index, entries in self.optimizer.state_dict()["state"].items():
+            state.update({f"optim.{index}.{k}": v for k, v in entries.items()})
+        state["rng.data"], state["rng.noise"] = self.data_rng.get_state(), self.noise_rng.get_state()
+        write_atomic(run_dir / STATE_FILE, lambda path: save_file(state, path))
+        train_state = {"step": self.step, "config": asdict(self.config), "losses": self.losses}
+        write_atomic(run_dir / TRAIN_STATE_FILE, lambda path: path.write_text(json.dumps(train_state)))
+
+    @classmethod
+    def resume(
+        cls, run_dir: str | os.PathLike, task: Task, steps: int | None = None, device: str | torch.device = "cpu"
+    ) -> "Trainer":
+        """The trainer as saved in `run_dir`, to continue exactly where it stopped (optionally to a new step count,
+        which stretches the cosine schedule)."""
+        run_dir = Path(run_dir)
+        meta = read_params(run_dir)
+        saved = json.loads((run_dir / TRAIN_STATE_FILE).read_text())
+        config = TrainConfig(**{f.name: saved["config"][f.name] for f in fields(TrainConfig) if f.name in saved["config"]})
+        if steps is not None:
+            config.steps = steps
+        trainer = cls(FluxParams(**meta["flux"]), task, config, FlowMatch(**meta["flow"]), device)
+        trainer.run.layout = Layout(**meta["layout"])  # the normalisation trained with, not a recomputed one
+        state = load_safetensors(run_dir / STATE_FILE)
+        trainer.run.model.load_state_dict(strip_prefix(state, "model."))
+        with torch.no_grad():
+            for name, tensor in load_safetensors(run_dir / MODEL_FILE).items():
+                trainer.ema[name].copy_(tensor)
+        optim_state = {}
+        for key, tensor in strip_prefix(state, "optim.").items():
+            index, name = key.split(".", 1)
+            optim_state.setdefault(int(index), {})[name] = tensor.clone()
+        groups = trainer.optimizer.state_dict()["param_groups"]
+        trainer.optimizer.load_state_dict({"state": optim_state, "param_groups": groups})
+        trainer.data_rng.set_state(state["rng.data"].clone())
+        trainer.noise_rng.set_state(state["rng.noise"].clone())
+        trainer.step, trainer.losses = saved["step"], saved["losses"]
+        return trainer
+
+
+def check_task(params: FluxParams, task: Task) -> None:
+    """The task's token widths against the model's, with the field to change."""
+    probe = task.batch(1, torch.Generator().manual_seed(0))
+    problems = []
+    if probe.data.shape[-1] != params.in_channels or params.out_channels != params.in_channels:
+        problems.append(f"data tokens are {probe.data.shape[-1]} wide: set in_channels = out_channels = {probe.data.shape[-1]}")
+    if probe.cond.shape[-1] != params.context_in_dim:
+        problems.append(f"condition tokens are {probe.cond.shape[-1]} wide: set context_in_dim = {probe.cond.shape[-1]}")
+    y_dim = 0 if probe.y is None else probe.y.shape[-1]
+    if y_dim != params.vec_in_dim:
+        problems.append(f"the task's pooled vector y is {y_dim} wide: set vec_in_dim = {y_dim}")
+    if params.guidance_embed:
+        problems.append("guidance_embed is for guidance-distilled models: set guidance_embed = False")
+    if problems:
+        raise ValueError("FluxParams do not fit the task: " + "; ".join(problems))
+

@@ -1,0 +1,191 @@
+"""flux_core.seq2seq: training falls, resume is bit-identical, sampling is seeded, the time convention is shared
+with the image sampler, any token widths, the CLI end to end. Tiny models only."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from flux_core.checkpoint import CheckpointError
+from flux_core.model import Flux, FluxParams, preset
+from flux_core.pipeline import Conditioning, sample as image_sample
+from flux_core.sampling import FlowMatch, grid_ids, sequence_ids
+from flux_core.seq2seq import Batch, Layout, Seq2Seq, ShapeTask, TensorTask, Trainer, TrainConfig, load_run, position_ids, sample
+from flux_core.seq2seq.__main__ import main
+from flux_core.seq2seq.demo import chamfer, draw_conditions, shape_points
+
+TINY = dict(vec_in_dim=0, hidden_size=16, mlp_ratio=2.0, num_heads=2, depth=1, depth_single_blocks=1,
+            axes_dim=[2, 2, 4], theta=10_000, qkv_bias=True, guidance_embed=False)  # fmt: skip
+
+
+def tiny_params(data_dim: int = 2, cond_dim: int = 4, **overrides) -> FluxParams:
+    return FluxParams(in_channels=data_dim, out_channels=data_dim, context_in_dim=cond_dim, **{**TINY, **overrides})
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny matrices: one thread is fastest, and far faster than two when the cores are shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_trainer(steps: int = 6, batch_size: int = 4, **config) -> Trainer:
+    task = ShapeTask(num_points=16, train_points=8)
+    return Trainer(tiny_params(), task, TrainConfig(steps=steps, batch_size=batch_size, warmup=2, **config))
+
+
+def test_loss_falls_on_a_tiny_run():
+    trainer = tiny_trainer(steps=100, batch_size=32, lr=1e-2)
+    trainer.train(progress=False)
+    first, last = sum(trainer.losses[:10]) / 10, sum(trainer.losses[-10:]) / 10
+    assert last < 0.7 * first, (first, last)
+
+
+def test_resume_is_bit_identical(tmp_path):
+    config = dict(grad_accum=2, ema_decay=0.9, grad_clip=0.5, weight_decay=0.01)
+    whole = tiny_trainer(**config)
+    whole.train(progress=False)
+
+    first = tiny_trainer(**config)
+    first.train(tmp_path, until=3, progress=False)
+    resumed = Trainer.resume(tmp_path, ShapeTask(num_points=16, train_points=8))
+    assert resumed.step == 3
+    resumed.train(progress=False)
+
+    assert resumed.losses == whole.losses
+    for (name, a), b in zip(whole.run.model.state_dict().items(), resumed.run.model.state_dict().values()):
+        assert torch.equal(a, b), name
+    for name in whole.ema:
+        assert torch.equal(whole.ema[name], resumed.ema[name]), name
+    for p, q in zip(whole.run.model.parameters(), resumed.run.model.parameters()):
+        a, b = whole.optimizer.state[p], resumed.optimizer.state[q]
+        assert all(torch.equal(a[k], b[k]) for k in ("step", "exp_avg", "exp_avg_sq"))
+    assert torch.equal(whole.data_rng.get_state(), resumed.data_rng.get_state())
+    assert torch.equal(whole.noise_rng.get_state(), resumed.noise_rng.get_state())
+    # and the trainer really moved: a resume that restored nothing would start from a fresh init
+    assert not torch.equal(whole.run.model.img_in.weight, tiny_trainer(**config).run.model.img_in.weight)
+
+
+def test_checkpoint_loads_for_sampling_and_sampling_is_seeded(tmp_path):
+    trainer = tiny_trainer(steps=4)
+    trainer.train(tmp_path, progress=False)
+    run = load_run(tmp_path)
+    for name, weight in trainer.ema.items():  # model.safetensors holds the EMA weights
+        assert torch.equal(run.model.state_dict()[name], weight), name
+    cond = draw_conditions(3, torch.Generator().manual_seed(5))
+    a, b = sample(run, cond, seed=7, steps=4), sample(run, cond, seed=7, steps=4)
+    assert a.shape == (3, 8, 2) and torch.equal(a, b)
+    assert not torch.allclose(a, sample(run, cond, seed=8, steps=4))
+    one_by_one = torch.cat([sample(run, cond[i : i + 1], seed=7 + i, steps=4) for i in range(3)])
+    torch.testing.assert_close(a, one_by_one, rtol=1e-5, atol=1e-5)
+    # i.i.d. set tokens: 20 points are 3 independent groups of the trained 8, cut to 20
+    long = sample(run, cond, seed=7, steps=4, data_len=20)
+    assert long.shape == (3, 20, 2) and torch.equal(long[:, :8], a)
+    heun = sample(run, cond, seed=7, steps=4, method="heun")
+    assert heun.shape == a.shape and not torch.equal(heun, a)
+
+
+class PointMassOracle(Flux):
+    """The velocity that minimises the training loss when every data item is `target`, written in the
+    convention x_t = (1 - t) x0 + t noise: v = noise - x0 = (x_t - target) / t."""
+
+    def __init__(self, params: FluxParams, target: torch.Tensor):
+        super().__init__(params)
+        self.target = target
+
+    def forward(self, img, img_ids, txt, txt_ids, timesteps, y=None, guidance=None):
+        return (img - self.target) / timesteps.view(-1, 1, 1)
+
+
+def test_objective_and_image_sampler_share_the_time_convention():
+    """If the training objective flipped its time (t = 1 data), the oracle would not zero its loss; if the image
+    sampler flipped (integrating from t = 0, or starting from data), it would not land on the target."""
+    target = torch.randn(1, 1, 64, generator=torch.Generator().manual_seed(0)) + 2
+    oracle = PointMassOracle(tiny_params(data_dim=64, cond_dim=8), target)
+    run = Seq2Seq(oracle, Layout(1, [0.0] * 64, [1.0] * 64, "set", "set"), FlowMatch(shift=False))
+    generator = torch.Generator().manual_seed(1)
+    batch_t = torch.tensor([0.9, 0.5, 0.1])
+    batch = Batch(cond=torch.zeros(3, 2, 8), data=target.expand(3, -1, -1))
+    assert run.loss(batch, batch_t, generator).item() < 1e-10
+
+    latent = torch.zeros(1, 16, 2, 2)  # text-to-image start: the sampler draws the noise itself
+    image = image_sample(oracle, Conditioning(torch.zeros(1, 2, 8)), latent, seed=3, steps=5, flow=FlowMatch(shift=False))
+    packed_target = target.view(1, 16, 2, 2)  # (c, ph, pw) feature order of one 2x2 patch
+    torch.testing.assert_close(image, packed_target, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(sample(run, torch.zeros(1, 2, 8), seed=3, steps=5), target, rtol=1e-4, atol=1e-4)
+    heun = sample(run, torch.zeros(1, 2, 8), seed=3, steps=5, method="heun")
+    torch.testing.assert_close(heun, target, rtol=1e-4, atol=1e-4)
+
+
+def test_any_widths_grid_ids_and_pooled_y(tmp_path):
+    generator = torch.Generator().manual_seed(0)
+    tensors = {"cond": torch.randn(20, 5, 3, generator=generator), "data": torch.randn(20, 6, 7, generator=generator) * 3 + 1,
+               "y": torch.randn(20, 4, generator=generator)}  # fmt: skip
+    save_file(tensors, tmp_path / "pairs.safetensors")
+    task = TensorTask(tmp_path / "pairs.safetensors", data_ids="grid:2x3", holdout=0.25)
+    assert task.train_count == 15 and task.layout.data_len == 6
+    torch.testing.assert_close(torch.tensor(task.layout.data_mean), tensors["data"][:15].mean((0, 1)))
+    trainer = Trainer(tiny_params(data_dim=7, cond_dim=3, vec_in_dim=4), task, TrainConfig(steps=2, batch_size=4, bf16=True))
+    trainer.train(tmp_path / "run", progress=False)
+    run = load_run(tmp_path / "run")
+    assert run.layout.data_ids == "grid:2x3"
+    out = sample(run, tensors["cond"][:2], seed=0, steps=2, y=tensors["y"][:2])
+    assert out.shape == (2, 6, 7)
+    loss = task.evaluate(run, steps=0, seed=0)["val_loss"]
+    assert 0 < loss < 100
+    with pytest.raises(ValueError, match="pass y"):
+        sample(run, tensors["cond"][:2], seed=0, steps=2)
+
+
+def test_position_ids():
+    assert torch.equal(sequence_ids(3, n_axes=2), torch.tensor([[[0.0, 0], [0, 1], [0, 2]]]))
+    assert torch.equal(grid_ids(2, 2, n_axes=3)[0, :, 1:], torch.tensor([[0.0, 0], [0, 1], [1, 0], [1, 1]]))
+    assert torch.equal(position_ids("set", 4, 3), torch.zeros(1, 4, 3))
+    assert torch.equal(position_ids("grid:2x3", 6, 3), grid_ids(2, 3))
+    with pytest.raises(ValueError, match="holds 6 tokens"):
+        position_ids("grid:2x3", 5, 3)
+    with pytest.raises(ValueError, match="unknown token layout"):
+        position_ids("ring", 5, 3)
+
+
+def test_bad_input_errors(tmp_path):
+    with pytest.raises(ValueError, match="in_channels = out_channels = 2.*context_in_dim = 4"):
+        Trainer(tiny_params(data_dim=3, cond_dim=5), ShapeTask(num_points=16, train_points=8), TrainConfig())
+    with pytest.raises(CheckpointError, match="not a seq2seq run"):
+        load_run(tmp_path)
+    trainer = tiny_trainer(steps=1)
+    with pytest.raises(ValueError, match=r"condition tokens must be \(batch, tokens, 4\)"):
+        sample(trainer.run, torch.zeros(1, 2, 3), seed=0)
+    with pytest.raises(ValueError, match="unknown sampling method"):
+        sample(trainer.run, torch.zeros(1, 2, 4), seed=0, method="rk4")
+
+
+def test_demo_task_metric_is_honest():
+    """True shapes score near the noise floor, another shape kind far above it."""
+    generator = torch.Generator().manual_seed(0)
+    cond = draw_conditions(8, generator)
+    truth, again = shape_points(cond, 512, generator, 0.02), shape_points(cond, 512, generator, 0.02)
+    other = cond.clone()
+    other[:, 0] = cond[:, 0].roll(1, dims=1)  # same pose, next shape kind
+    wrong = shape_points(other, 512, generator, 0.02)
+    assert chamfer(truth, again).mean() < 0.02 < 0.03 < chamfer(truth, wrong).mean()
+    points = shape_points(torch.tensor([[[1.0, 0, 0, 0], [0.5, -0.5, 0.2, 0]]]), 256, generator, 0.0)
+    torch.testing.assert_close(((points - torch.tensor([0.5, -0.5])).norm(dim=-1)), torch.full((1, 256), 0.2))
+
+
+def test_cli_train_resume_sample_eval(tmp_path, capsys):
+    run = str(tmp_path / "run")
+    tiny = ["--set", "hidden_size=16", "--set", "num_heads=2", "--set", "axes_dim=[2,2,4]"]
+    main(["train", "--run", run, "--steps", "2", "--batch-size", "2", *tiny])
+    with pytest.raises(SystemExit, match="already holds a run"):
+        main(["train", "--run", run, "--steps", "2"])
+    main(["train", "--run", run, "--resume", "--steps", "3"])
+    assert json.loads((tmp_path / "run" / "train_state.json").read_text())["step"] == 3
+    main(["sample", "--run", run, "--shapes", "2", "--steps", "2", "--out", str(tmp_path / "points.safetensors")])
+    assert (tmp_path / "points.png").is_file()
+    capsys.readouterr()
+    main(["eval", "--run", run, "--steps", "2"])
+    assert json.loads(capsys.readouterr().out)["chamfer"] > 0
+    assert preset("seq2seq-demo").depth_single_blocks == 0
