@@ -6,9 +6,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def at_least_float32(x: Tensor) -> Tensor:
-    """float32 islands of the reference, without downcasting a float64 run."""
-    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+def island_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the reference's float32 islands, without downcasting a float64 run."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def timestep_embedding(t: Tensor, dim: int = 256, max_period: int = 10_000, time_factor: float = 1000.0) -> Tensor:
@@ -24,27 +24,27 @@ def timestep_embedding(t: Tensor, dim: int = 256, max_period: int = 10_000, time
 
 
 def rope(pos: Tensor, dim: int, theta: int) -> Tensor:
-    """(B, L) positions -> (B, L, dim/2, 2, 2) rotation matrices [[cos, -sin], [sin, cos]]."""
-    out_dtype = at_least_float32(pos).dtype
-    scale = torch.arange(0, dim, 2, dtype=torch.float64, device=pos.device) / dim
-    omega = 1.0 / theta**scale  # (dim/2,)
-    angles = pos.to(torch.float64)[..., None] * omega  # (B, L, dim/2)
-    cos, sin = torch.cos(angles), torch.sin(angles)
-    return torch.stack([cos, -sin, sin, cos], dim=-1).unflatten(-1, (2, 2)).to(out_dtype)
+    """(..., L) positions -> (..., L, dim/2) rotations e^{i pos w_j}, w_j = theta^(-2j/dim), as complex numbers.
+
+    The reference's 2x2 matrices [[cos, -sin], [sin, cos]] acting on (x[2j], x[2j+1]) are exactly multiplication
+    by cos + i sin of x[2j] + i x[2j+1]. Angles in float64; complex64 unless the positions are float64.
+    """
+    omega = theta ** -(torch.arange(0, dim, 2, dtype=torch.float64, device=pos.device) / dim)  # (dim/2,)
+    angles = pos.to(torch.float64)[..., None] * omega
+    rotations = torch.polar(torch.ones_like(angles), angles)
+    return rotations if pos.dtype == torch.float64 else rotations.to(torch.complex64)
 
 
-def apply_rope(xq: Tensor, xk: Tensor, pe: Tensor) -> tuple[Tensor, Tensor]:
-    """Rotate adjacent pairs (x[2j], x[2j+1]) of q and k (B, H, L, D) by pe (B, 1, L, D/2, 2, 2)."""
-    def rotate(x: Tensor) -> Tensor:
-        pairs = at_least_float32(x).unflatten(-1, (-1, 1, 2))  # (B, H, L, D/2, 1, 2)
-        out = pe[..., 0] * pairs[..., 0] + pe[..., 1] * pairs[..., 1]
-        return out.flatten(-2).type_as(x)
+def apply_rope(x: Tensor, pe: Tensor) -> Tensor:
+    """Rotate the adjacent pairs (x[2j], x[2j+1]) of x (..., D) by pe (broadcastable to (..., D/2), complex).
 
-    return rotate(xq), rotate(xk)
+    Computed in float32 (float64 for a float64 x) and returned so: the caller casts once where it needs to.
+    """
+    pairs = torch.view_as_complex(x.to(island_dtype(x.dtype)).unflatten(-1, (-1, 2)).contiguous())
+    return torch.view_as_real(pairs * pe).flatten(-2)
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, pe: Tensor) -> Tensor:
-    """(B, H, L, D) q, k, v -> (B, L, H*D) with RoPE on q and k."""
-    q, k = apply_rope(q, k, pe)
-    x = F.scaled_dot_product_attention(q, k, v)
+def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """(B, L, H, D) q, k, v (any strides, q and k already rotated) -> (B, L, H*D)."""
+    x = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
     return x.transpose(1, 2).flatten(2)

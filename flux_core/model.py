@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .layers import DoubleStreamBlock, EmbedND, LastLayer, MLPEmbedder, SingleStreamBlock
-from .math import timestep_embedding
+from .math import island_dtype, timestep_embedding
 from .ops import Linear
 
 
@@ -138,7 +138,8 @@ class Flux(nn.Module):
         txt = self.txt_in(txt.to(dtype))
         if txt_ids.shape[0] != img_ids.shape[0]:
             txt_ids, img_ids = txt_ids.expand(img.shape[0], -1, -1), img_ids.expand(img.shape[0], -1, -1)
-        pe = self.pe_embedder(torch.cat((txt_ids, img_ids), dim=1))  # text first, as the tokens
+        ids = torch.cat((txt_ids, img_ids), dim=1)  # text first, as the tokens
+        pe = self.pe_embedder(ids.to(island_dtype(dtype)))  # (B, Lt + Li, 1, head_dim/2) complex
         for block in self.double_blocks:
             img, txt = block(img, txt, silu_vec, pe)
         x = torch.cat((txt, img), dim=1)

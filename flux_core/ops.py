@@ -1,9 +1,36 @@
-"""Layers whose weights may be stored narrower (fp8) than the dtype they compute in."""
+"""Layers whose weights may be stored narrower (fp8) than the dtype they compute in, and a faster CPU linear."""
+import platform
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+_ONEDNN = (
+    torch.backends.mkldnn.is_available()
+    and platform.machine().lower() in ("x86_64", "amd64")
+    and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+)
+_ONEDNN_DTYPES = (torch.float32,) + ((torch.bfloat16,) if _ONEDNN and torch.ops.mkldnn._is_mkldnn_bf16_supported() else ())
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """F.linear; CPU inference in float32/bfloat16 on x86 calls oneDNN directly.
+
+    PyTorch sends float32 CPU matmuls to MKL, which runs its AVX2 kernels on AMD CPUs (measured 2.4x slower than
+    oneDNN on an EPYC), and re-packs bfloat16 weights on every call. oneDNN's kernel has no autograd: used only
+    when no gradient is wanted.
+    """
+    if (
+        x.dtype in _ONEDNN_DTYPES
+        and x.device.type == "cpu"
+        and x.dim() >= 2
+        and weight.is_contiguous()  # a strided weight falls to a reference kernel
+        and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)))
+    ):
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    return F.linear(x, weight, bias)
 
 
 class Linear(nn.Linear):
@@ -18,14 +45,18 @@ class Linear(nn.Linear):
         self.register_buffer("weight_scale", None, persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
+        return linear(x, *self.weights_in(x.dtype))
+
+    def weights_in(self, dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
+        """(weight, bias) as used at `dtype`: upcast (and scaled) if stored narrower, else as they are."""
         weight, bias = self.weight, self.bias
-        if weight.dtype != x.dtype:
-            weight = weight.to(x.dtype)
+        if weight.dtype != dtype:
+            weight = weight.to(dtype)
             if self.weight_scale is not None:  # a 0-dim float32 scale: applied in float32, rounded once
                 weight = weight * self.weight_scale
-        if bias is not None and bias.dtype != x.dtype:
-            bias = bias.to(x.dtype)
-        return F.linear(x, weight, bias)
+        if bias is not None and bias.dtype != dtype:
+            bias = bias.to(dtype)
+        return weight, bias
 
     def set_weight_scale(self, scale: Tensor) -> None:
         """One float32 scale for the whole weight (per-tensor scaled fp8)."""

@@ -40,7 +40,7 @@ def reference_output(weights, params, dtype=torch.float32):
 
 def assert_same_output(actual, expected):
     """Same weights, same math: equal up to summation order (BLAS kernels depend on memory alignment)."""
-    torch.testing.assert_close(actual, expected, rtol=0, atol=1e-6 * expected.abs().max().item())
+    torch.testing.assert_close(actual, expected, rtol=0, atol=1e-5 * expected.abs().max().item())
 
 
 def output(model):

@@ -147,24 +147,23 @@ def test_bf16_tracks_float32(tmp_path):
 
 def test_rope_rotates_adjacent_pairs_per_axis():
     dim, theta = 8, 10_000
-    pos = torch.tensor([[0.0, 1.0, 7.0, 123.0]])
-    q, k = torch.randn(2, 1, 2, 4, dim, dtype=torch.float64).unbind(0)  # (B, H, L, D)
-    pe = rope(pos.to(torch.float64), dim, theta)[:, None]  # (B, 1, L, D/2, 2, 2)
-    rq, rk = apply_rope(q, k, pe)
+    pos = torch.tensor([[0.0, 1.0, 7.0, 123.0]], dtype=torch.float64)  # (B, L)
+    x = torch.randn(1, 4, 2, dim, dtype=torch.float64)  # (B, L, H, D)
+    rotated = apply_rope(x, rope(pos, dim, theta)[:, :, None])
     omega = theta ** (-torch.arange(0, dim, 2, dtype=torch.float64) / dim)  # (D/2,)
-    angle = pos.to(torch.float64)[0, :, None] * omega  # (L, D/2)
+    angle = (pos[0, :, None] * omega)[None, :, None]  # (1, L, 1, D/2)
     cos, sin = angle.cos(), angle.sin()
-    for x, rotated in ((q, rq), (k, rk)):
-        even, odd = x[..., 0::2], x[..., 1::2]
-        torch.testing.assert_close(rotated[..., 0::2], cos * even - sin * odd, rtol=0, atol=1e-12)
-        torch.testing.assert_close(rotated[..., 1::2], sin * even + cos * odd, rtol=0, atol=1e-12)
+    even, odd = x[..., 0::2], x[..., 1::2]
+    torch.testing.assert_close(rotated[..., 0::2], cos * even - sin * odd, rtol=0, atol=1e-12)
+    torch.testing.assert_close(rotated[..., 1::2], sin * even + cos * odd, rtol=0, atol=1e-12)
+    assert apply_rope(x.to(torch.bfloat16), rope(pos.float(), dim, theta)[:, :, None]).dtype == torch.float32
     # Each axis has its own band of the head dim, with frequencies restarting at j = 0.
     ids = torch.tensor([[[3.0, 5.0, 11.0]]])
-    bands = EmbedND(theta, [16, 56, 56])(ids)[0, 0, 0]  # (64, 2, 2)
+    bands = EmbedND(theta, [16, 56, 56])(ids)[0, 0, 0]  # (64,) complex
     for start, size, axis in ((0, 8, 0), (8, 28, 1), (36, 28, 2)):
         expected = ids[0, 0, axis] * theta ** (-torch.arange(0, 2 * size, 2, dtype=torch.float64) / (2 * size))
-        torch.testing.assert_close(bands[start : start + size, 1, 0].double(), expected.sin(), rtol=0, atol=1e-6)
-        torch.testing.assert_close(bands[start : start + size, 0, 0].double(), expected.cos(), rtol=0, atol=1e-6)
+        torch.testing.assert_close(bands[start : start + size].imag.double(), expected.sin(), rtol=0, atol=1e-6)
+        torch.testing.assert_close(bands[start : start + size].real.double(), expected.cos(), rtol=0, atol=1e-6)
 
 
 def test_timestep_embedding_is_cos_first_and_scaled_by_1000():
