@@ -12,7 +12,7 @@ from flux_core.pipeline import Conditioning, sample as image_sample
 from flux_core.sampling import FlowMatch, grid_ids, sequence_ids
 from flux_core.seq2seq import Batch, Layout, Seq2Seq, ShapeTask, TensorTask, Trainer, TrainConfig, load_run, position_ids, sample
 from flux_core.seq2seq.__main__ import main
-from flux_core.seq2seq.demo import chamfer, draw_conditions, shape_points
+from flux_core.seq2seq.demo import chamfer, draw_conditions, shape_condition, shape_points
 
 TINY = dict(vec_in_dim=0, hidden_size=16, mlp_ratio=2.0, num_heads=2, depth=1, depth_single_blocks=1,
             axes_dim=[2, 2, 4], theta=10_000, qkv_bias=True, guidance_embed=False)  # fmt: skip
@@ -171,8 +171,10 @@ def test_demo_task_metric_is_honest():
     other[:, 0] = cond[:, 0].roll(1, dims=1)  # same pose, next shape kind
     wrong = shape_points(other, 512, generator, 0.02)
     assert chamfer(truth, again).mean() < 0.02 < 0.03 < chamfer(truth, wrong).mean()
-    points = shape_points(torch.tensor([[[1.0, 0, 0, 0], [0.5, -0.5, 0.2, 0]]]), 256, generator, 0.0)
-    torch.testing.assert_close(((points - torch.tensor([0.5, -0.5])).norm(dim=-1)), torch.full((1, 256), 0.2))
+    ellipse = shape_points(shape_condition("ring", (0.5, -0.5), (0.4, 0.2)), 256, generator, 0.0)
+    torch.testing.assert_close((((ellipse - torch.tensor([0.5, -0.5])) / torch.tensor([0.4, 0.2])) ** 2).sum(-1), torch.ones(1, 256))
+    square = shape_points(shape_condition("square", (0.0, 0.0), (0.3, 0.3)), 256, generator, 0.0)
+    assert torch.allclose(square.abs().amax(-1), torch.tensor(0.3))  # every point on the box's edge
 
 
 def test_cli_train_resume_sample_eval(tmp_path, capsys):

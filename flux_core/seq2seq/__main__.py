@@ -12,13 +12,13 @@ from ..checkpoint import load_safetensors
 from ..model import preset
 from ..sampling import FlowMatch
 from . import Seq2Seq, ShapeTask, TensorTask, Trainer, TrainConfig, init_model, load_run, make_task, read_params, sample
-from .demo import DEMO_PRESET, DEMO_TRAIN, EVAL_STEPS, compare, plot, run_demo
+from .demo import DEMO_PRESET, DEMO_THREADS, DEMO_TRAIN, EVAL_STEPS, compare, plot, run_demo
 from .train import TRAIN_STATE_FILE
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m flux_core.seq2seq", description=__doc__)
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice; demo: 1)")
     commands = parser.add_subparsers(dest="command", required=True)
 
     demo = commands.add_parser("demo", help="train the built-in shapes -> points demo with its defaults, then evaluate")
@@ -70,6 +70,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def demo_command(args) -> None:
+    torch.set_num_threads(args.threads or DEMO_THREADS)
     start = time.time()
     results = run_demo(args.run, steps=args.steps, seed=args.seed)
     print(json.dumps(results, indent=1))

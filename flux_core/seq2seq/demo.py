@@ -1,15 +1,17 @@
 """The built-in demo task: 2 condition tokens (4-D) describing a shape -> a set of 2-D points on its outline.
 
-Condition tokens (two spaces apart from the data: a class code and a similarity transform):
+Condition tokens (a space apart from the data: a class code and a box):
   token 0: one-hot shape kind (ring, square, triangle, plus);
-  token 1: (cx, cy, s cos(theta), s sin(theta)): centre, scale and rotation of the canonical shape.
-Data: `num_points` points drawn uniformly along the transformed outline, plus Gaussian jitter.
+  token 1: (cx, cy, sx, sy): centre and half-width / half-height of the box the shape is stretched to fill
+  (ring -> ellipse, square -> rectangle, triangle apex up, plus with arms to the box's edges).
+Data: `num_points` points drawn uniformly along the outline (segments equally likely), plus Gaussian jitter.
 Layout: condition tokens are a sequence (their position is their role); points are a set (all ids equal), so
 the model is permutation-equivariant over points. Points are i.i.d. given the shape, so the model learns sets of
 `train_points` (attention cost grows with the square of the set) and a set of `num_points` is drawn as
 independent groups of `train_points` (Layout.iid_tokens).
 Metric: Chamfer distance (mean nearest-neighbour distance, both ways, in data units) between a generated set and
 a fresh true set, over held-out conditions drawn from a seed no training stream uses.
+(Rotated shapes, tried first, need about 4x the training to get corners and arms right: too slow for the demo.)
 """
 import json
 import math
@@ -29,48 +31,64 @@ from .train import Trainer, TrainConfig, init_model
 SHAPES = ("ring", "square", "triangle", "plus")
 EVAL_STREAM = 0x5EED_E7A1  # eval conditions come from Generator(EVAL_STREAM + seed), never from a training seed
 DEMO_PRESET = "seq2seq-demo"
-# Sets of 32 points, 128 per batch: 2500 steps take about 3 minutes on 2 quiet CPU cores.
+# Sets of 32 points, 128 per batch: 2500 steps train in about 4 minutes on one CPU thread.
 DEMO_TRAIN = TrainConfig(steps=2500, batch_size=128, lr=3e-3, warmup=50, ema_decay=0.995)
+# Its matrices are small: a second thread is ~1.6x faster on an idle machine but 3-4x slower when the other core
+# is busy (threads spin-wait for each other), so the demo takes one unless told otherwise.
+DEMO_THREADS = 1
 EVAL_STEPS, EVAL_COUNT = 16, 64  # Euler steps, held-out conditions
 
 
 def draw_conditions(size: int, generator: torch.Generator) -> Tensor:
-    """(B, 2, 4) random shape descriptions."""
+    """(B, 2, 4) random shape descriptions: centres in [-0.5, 0.5]^2, half-sizes in [0.2, 0.6]."""
     kind = torch.randint(len(SHAPES), (size,), generator=generator)
     centre = torch.rand(size, 2, generator=generator) - 0.5
-    scale = 0.25 + 0.35 * torch.rand(size, generator=generator)
-    angle = 2 * math.pi * torch.rand(size, generator=generator)
-    pose = torch.cat([centre, torch.stack([scale * angle.cos(), scale * angle.sin()], -1)], -1)
-    return torch.stack([torch.nn.functional.one_hot(kind, len(SHAPES)).float(), pose], 1)
+    half_size = 0.2 + 0.4 * torch.rand(size, 2, generator=generator)
+    return torch.stack([torch.nn.functional.one_hot(kind, len(SHAPES)).float(), torch.cat([centre, half_size], -1)], 1)
 
 
-def _polygon(u: Tensor, corners: int, first_angle: float) -> Tensor:
-    """Points at perimeter fractions u (B, N) along a regular polygon inscribed in the unit circle."""
-    angles = first_angle + 2 * math.pi * torch.arange(corners + 1) / corners
-    vertices = torch.stack([angles.cos(), angles.sin()], -1)  # (corners + 1, 2)
-    edge = (u * corners).long().clamp(max=corners - 1)
-    frac = (u * corners - edge)[..., None]
-    return vertices[edge] * (1 - frac) + vertices[edge + 1] * frac
+def shape_condition(kind: str, centre: tuple[float, float] = (0.0, 0.0), half_size: tuple[float, float] = (0.4, 0.4)) -> Tensor:
+    """(1, 2, 4) condition tokens for one shape, e.g. shape_condition("triangle", (0.2, 0), (0.5, 0.3))."""
+    if kind not in SHAPES:
+        raise ValueError(f"unknown shape {kind!r}; the demo knows {', '.join(SHAPES)}")
+    kind_token = torch.nn.functional.one_hot(torch.tensor(SHAPES.index(kind)), len(SHAPES)).float()
+    return torch.stack([kind_token, torch.tensor([*centre, *half_size], dtype=torch.float32)])[None]
+
+
+def _polygon(*corners: tuple[float, float]) -> Tensor:
+    """(S, 2, 2) start and end of each side of a closed polygon."""
+    points = torch.tensor(corners + corners[:1])
+    return torch.stack([points[:-1], points[1:]], 1)
+
+
+OUTLINES = [  # (S, 2, 2) segments in the box [-1, 1]^2; the ring is drawn apart
+    _polygon((1, 1), (-1, 1), (-1, -1), (1, -1)),
+    _polygon((0, 1), (-1, -1), (1, -1)),
+    torch.tensor([[[0.0, 0], [1, 0]], [[0, 0], [0, 1]], [[0, 0], [-1, 0]], [[0, 0], [0, -1]]]),  # plus: 4 arms
+]
+
+
+def _along(u: Tensor, segments: Tensor) -> Tensor:
+    """Points at fractions u (B, N) of a path through equally likely segments (S, 2, 2)."""
+    count = len(segments)
+    index = (u * count).long().clamp(max=count - 1)
+    frac = (u * count - index)[..., None]
+    return segments[index, 0] * (1 - frac) + segments[index, 1] * frac
 
 
 def canonical_points(kind: Tensor, u: Tensor) -> Tensor:
-    """(B, N, 2) points of each item's shape kind (B,) at perimeter fractions u (B, N), unit size, centred."""
+    """(B, N, 2) points of each item's shape kind (B,) at outline fractions u (B, N), filling [-1, 1]^2."""
     ring = torch.stack([(2 * math.pi * u).cos(), (2 * math.pi * u).sin()], -1)
-    arm = (u * 4).floor()  # four arms from the centre, at 0, 90, 180 and 270 degrees
-    plus = (u * 4 - arm)[..., None] * torch.stack([(arm * math.pi / 2).cos(), (arm * math.pi / 2).sin()], -1)
-    shapes = torch.stack([ring, _polygon(u, 4, math.pi / 4), _polygon(u, 3, math.pi / 2), plus])  # (4, B, N, 2)
+    shapes = torch.stack([ring, *(_along(u, segments) for segments in OUTLINES)])  # (4, B, N, 2)
     return shapes[kind, torch.arange(len(kind))]
 
 
 def shape_points(cond: Tensor, num_points: int, generator: torch.Generator, jitter: float) -> Tensor:
     """(B, N, 2) points of the shapes that condition tokens (B, 2, 4) describe."""
-    kind, pose = cond[:, 0].argmax(-1), cond[:, 1]
+    kind, box = cond[:, 0].argmax(-1), cond[:, 1]
     u = torch.rand(cond.shape[0], num_points, generator=generator)
-    p = canonical_points(kind, u)
-    a, b = pose[:, 2, None], pose[:, 3, None]  # scaled rotation [[a, -b], [b, a]]
-    x = pose[:, 0, None] + a * p[..., 0] - b * p[..., 1]
-    y = pose[:, 1, None] + b * p[..., 0] + a * p[..., 1]
-    return torch.stack([x, y], -1) + jitter * torch.randn(p.shape, generator=generator)
+    points = box[:, None, :2] + box[:, None, 2:] * canonical_points(kind, u)
+    return points + jitter * torch.randn(points.shape, generator=generator)
 
 
 def chamfer(a: Tensor, b: Tensor) -> Tensor:
@@ -135,18 +153,24 @@ def gaussian_like(points: Tensor, noise: Tensor) -> Tensor:
     return mean + noise @ torch.linalg.cholesky(cov).transpose(1, 2)
 
 
-def plot(points: Tensor, path: str, size: int = 256, columns: int = 8) -> None:
-    """Point sets (K, N, 2) as a grid of black-on-white panels (the view spans [-1.2, 1.2]^2) in a PNG."""
-    from PIL import Image
-
+def render(points: Tensor, size: int = 256, columns: int = 8) -> Tensor:
+    """Point sets (K, N, 2) as a grid of black-on-white panels, (rows * size, columns * size) uint8; each panel
+    spans [-1.2, 1.2]^2, y up."""
+    columns = min(columns, len(points))
     rows = math.ceil(len(points) / columns)
     canvas = torch.full((rows * size, columns * size), 255, dtype=torch.uint8)
     pixels = ((points + 1.2) / 2.4 * (size - 1)).round().long().clamp(0, size - 1)
     for i, p in enumerate(pixels):
         top, left = (i // columns) * size, (i % columns) * size
         canvas[top + size - 1 - p[:, 1], left + p[:, 0]] = 0
-    Image.fromarray(canvas.numpy()).save(path)
+    return canvas
 
+
+def plot(points: Tensor, path: str) -> None:
+    """render() saved as a PNG."""
+    from PIL import Image
+
+    Image.fromarray(render(points).numpy()).save(path)
 
 def compare(task: ShapeTask, trained: Seq2Seq, untrained: Seq2Seq, seed: int = 0, steps: int = EVAL_STEPS) -> dict:
     """Chamfer of the trained and untrained model and of the baselines on the same held-out conditions."""
