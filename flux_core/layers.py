@@ -65,11 +65,10 @@ class SelfAttention(nn.Module):
 def attend(qkv: Tensor, num_heads: int, q_scale: Tensor, k_scale: Tensor, pe: Tensor) -> Tensor:
     """(B, L, 3*H*D) fused projections laid out (K, H, D) -> (B, L, H*D) attention output.
 
-    QK RMSNorm and RoPE run in float32 (the reference's islands) in few passes; SDPA runs in qkv's dtype.
+    QK RMSNorm and RoPE run in float32 (the reference's islands) in few passes; attention in qkv's dtype.
     """
     q, k, v = qkv.unflatten(-1, (3, num_heads, -1)).unbind(2)  # (B, L, H, D) views
-    q, k = (apply_rope(rms_norm(x, scale), pe).to(qkv.dtype) for x, scale in ((q, q_scale), (k, k_scale)))
-    return attention(q, k, v)
+    return attention(apply_rope(rms_norm(q, q_scale), pe), apply_rope(rms_norm(k, k_scale), pe), v)
 
 
 def stream_scales(txt_norm: RMSNorm, img_norm: RMSNorm, txt_len: int, img_len: int) -> Tensor:

@@ -5,6 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .ops import linear, onednn_inference
+
 
 def island_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype of the reference's float32 islands, without downcasting a float64 run."""
@@ -45,6 +47,30 @@ def apply_rope(x: Tensor, pe: Tensor) -> Tensor:
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """(B, L, H, D) q, k, v (any strides, q and k already rotated) -> (B, L, H*D)."""
-    x = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    """(B, L, H, D) q, k, v (any strides; q, k rotated, possibly wider than v) -> (B, L, H*D) in v's dtype."""
+    if onednn_inference(q, k, v):
+        return _cpu_attention(q, k, v)
+    x = F.scaled_dot_product_attention(*(t.to(v.dtype).transpose(1, 2) for t in (q, k, v)))
     return x.transpose(1, 2).flatten(2)
+
+
+_MAX_SCORES = 2**26  # score elements per block (256 MB in float32)
+
+
+def _cpu_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Attention head by head with oneDNN GEMMs: float32 scores from the float32 q, k, softmax in float32, then
+    P @ V in v's dtype (as flash attention rounds P). Measured 1.7x faster than PyTorch's CPU flash attention,
+    whose GEMMs do not use bfloat16 hardware nor AVX-512 on AMD. Memory: one (rows, Lk) score block at a time."""
+    batch, length, heads, dim = q.shape
+    q = q * dim**-0.5  # SDPA's scale
+    k = k.transpose(1, 2).contiguous()  # (B, H, Lk, D): the GEMM's second operand must be dense
+    v_t = v.permute(0, 2, 3, 1).contiguous()  # (B, H, D, Lk)
+    rows = max(1, _MAX_SCORES // k.shape[2])
+    out = torch.empty(batch, length, heads, dim, dtype=v.dtype, device=v.device)
+    for b in range(batch):
+        for h in range(heads):
+            for start in range(0, length, rows):
+                block = slice(start, start + rows)
+                scores = linear(q[b, block, h], k[b, h])  # (rows, Lk) float32
+                out[b, block, h] = linear(scores.softmax(-1).to(v.dtype), v_t[b, h])
+    return out.flatten(2)

@@ -15,20 +15,22 @@ _ONEDNN = (
 _ONEDNN_DTYPES = (torch.float32,) + ((torch.bfloat16,) if _ONEDNN and torch.ops.mkldnn._is_mkldnn_bf16_supported() else ())
 
 
+def onednn_inference(x: Tensor, *params: Tensor | None) -> bool:
+    """Whether oneDNN's CPU kernels can take this call: x86, float32/bfloat16, and no gradient wanted (they have none)."""
+    return (
+        x.dtype in _ONEDNN_DTYPES
+        and x.device.type == "cpu"
+        and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *params)))
+    )
+
+
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """F.linear; CPU inference in float32/bfloat16 on x86 calls oneDNN directly.
 
     PyTorch sends float32 CPU matmuls to MKL, which runs its AVX2 kernels on AMD CPUs (measured 2.4x slower than
-    oneDNN on an EPYC), and re-packs bfloat16 weights on every call. oneDNN's kernel has no autograd: used only
-    when no gradient is wanted.
+    oneDNN on an EPYC), and re-packs bfloat16 weights on every call.
     """
-    if (
-        x.dtype in _ONEDNN_DTYPES
-        and x.device.type == "cpu"
-        and x.dim() >= 2
-        and weight.is_contiguous()  # a strided weight falls to a reference kernel
-        and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)))
-    ):
+    if x.dim() >= 2 and weight.is_contiguous() and onednn_inference(x, weight, bias):  # strided weights: slow path
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     return F.linear(x, weight, bias)
 

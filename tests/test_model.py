@@ -6,6 +6,7 @@ import torch
 from safetensors.torch import load_file
 from tiny_flux import bfl_to_diffusers, diffusers_config, tiny_inputs, tiny_params, write_flux_bfl
 
+from flux_core import math as flux_math
 from flux_core.layers import EmbedND
 from flux_core.loading import load_flux
 from flux_core.math import apply_rope, rope, timestep_embedding
@@ -176,3 +177,25 @@ def test_timestep_embedding_is_cos_first_and_scaled_by_1000():
     odd = timestep_embedding(t, 7)
     assert odd.shape == (3, 7) and odd[:, -1].eq(0).all()
     assert timestep_embedding(t.to(torch.bfloat16), 256).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_attention_matches_sdpa(monkeypatch, dtype):
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 37, 3, 128, generator=gen) for _ in range(3))  # (B, L, H, D)
+    expected = torch.nn.functional.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)))
+    expected = expected.transpose(1, 2).flatten(2)
+    monkeypatch.setattr(flux_math, "_MAX_SCORES", 10 * 37)  # 10-row score blocks: the last one partial
+    with torch.inference_mode():
+        out = flux_math.attention(q, k, v.to(dtype))
+    assert out.dtype == dtype and out.shape == (2, 37, 3 * 128)
+    tolerance = 1e-6 if dtype == torch.float32 else 1e-2
+    assert ((out.float() - expected).abs().max() / expected.abs().max()).item() < tolerance
+
+
+def test_gradients_flow_outside_inference():
+    model = Flux(tiny_params(depth=1, depth_single_blocks=1))
+    model(**tiny_inputs(model.params)).square().mean().backward()
+    for name in ("single_blocks.0.linear1.weight", "double_blocks.0.txt_attn.norm.key_norm.scale", "img_in.bias"):
+        grad = model.get_parameter(name).grad
+        assert grad is not None and grad.isfinite().all() and grad.abs().max() > 0, name
