@@ -1,14 +1,13 @@
 """Benchmark: flux_core's Flux transformer vs diffusers' FluxTransformer2DModel, and peak RSS while loading.
 
     python bench/transformer.py              # forward time, fp32 and bf16, ratio = our throughput / diffusers'
-    python bench/transformer.py --load-rss   # peak RSS of load_flux on a ~1.2 GB BFL file vs the file size
+    python bench/transformer.py --load-rss   # peak RSS (VmHWM) of load_flux on a ~1.3 GB BFL file vs the file size
 
 Same weights and inputs for both, one process, runs alternate, median after warm-up, all cores, inference_mode.
 """
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -17,6 +16,7 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
@@ -74,46 +74,51 @@ def bench_forward(dtype: torch.dtype, repeats: int, warmup: int) -> tuple[float,
     return statistics.median(times[run_ours]), statistics.median(times[run_theirs])
 
 
+def peak_rss() -> int:
+    """This process's peak RSS in bytes (VmHWM; ru_maxrss would also count the parent's peak, kept across exec)."""
+    status = Path("/proc/self/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))) * 1024
+
+
 def load_rss_child(path: str) -> None:
-    """Run in a fresh process: peak RSS after load_flux, and after a forward pass has touched every weight."""
+    """Run in a fresh process: peak RSS after imports, after load_flux, and after a forward touched every weight."""
+    peaks = {"imports": peak_rss()}
     model = load_flux(path, dtype=torch.bfloat16)
-    after_load = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peaks["load"] = peak_rss()
     with torch.inference_mode():
         model(**tiny_inputs(model.params, rows=8, cols=8, text=16, dtype=torch.bfloat16))
-    after_forward = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"after_load": after_load, "after_forward": after_forward}))
+    peaks["forward"] = peak_rss()
+    print(json.dumps(peaks))
 
 
 def bench_load_rss() -> None:
-    from safetensors.torch import save_file
-
     with tempfile.TemporaryDirectory(dir="/tmp") as tmp:
         path = Path(tmp) / "flux_rss.safetensors"
-        save_file(random_weights(RSS_PARAMS, dtype=torch.bfloat16), str(path))
+        subprocess.run([sys.executable, __file__, "--write-rss-file", str(path)], check=True)
         size = path.stat().st_size
-        baseline = subprocess.run(
-            [sys.executable, "-c", "import resource, torch; print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)"],
-            capture_output=True, text=True, check=True,
-        ).stdout  # fmt: skip
         child = subprocess.run(
             [sys.executable, __file__, "--load-rss-child", str(path)], capture_output=True, text=True, check=True
         )
-    rss = json.loads(child.stdout.strip().splitlines()[-1])
+    peaks = json.loads(child.stdout.strip().splitlines()[-1])
     mb = 2**20
-    print(f"file {size / mb:.0f} MB (bf16, loaded as bf16); python + torch alone {int(baseline) / mb:.0f} MB")
-    for stage, peak in rss.items():
-        print(f"peak RSS {stage.replace('_', ' ')}: {peak / mb:.0f} MB = file + {(peak - size) / mb:.0f} MB")
+    print(f"file {size / mb:.0f} MB (bf16, BFL layout, loaded as bf16); python + torch + flux_core alone "
+          f"{peaks['imports'] / mb:.0f} MB")  # fmt: skip
+    for stage in ("load", "forward"):
+        print(f"peak RSS after {stage}: {peaks[stage] / mb:.0f} MB = file + {(peaks[stage] - size) / mb:.0f} MB")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--load-rss", action="store_true", help="measure peak RSS while loading a ~1.2 GB file")
     parser.add_argument("--load-rss-child", metavar="PATH", help=argparse.SUPPRESS)
+    parser.add_argument("--write-rss-file", metavar="PATH", help=argparse.SUPPRESS)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="default: all cores")
     args = parser.parse_args()
+    if args.write_rss_file:
+        return save_file(random_weights(RSS_PARAMS, dtype=torch.bfloat16), args.write_rss_file)
     if args.load_rss_child:
         return load_rss_child(args.load_rss_child)
     if args.load_rss:

@@ -14,18 +14,20 @@ from flux_core.model import PRESETS, Flux, FluxParams, preset
 
 
 def test_seed_usage_example_runs_as_written():
-    # The seq2seq example of the issue, verbatim (about 12 s on a 2-core CPU).
+    # The seq2seq example of the issue, verbatim: a plain call, gradients on (about 12 s on a 2-core CPU).
     params = FluxParams(
         in_channels=2, out_channels=2, vec_in_dim=4, context_in_dim=4, hidden_size=1024, mlp_ratio=4.0,
         num_heads=8, depth=2, depth_single_blocks=4, axes_dim=[16, 56, 56], theta=10_000, qkv_bias=True,
         guidance_embed=False,
     )  # fmt: skip
     model = Flux(params)
-    data, cond = torch.randn(2, 1024, 2), torch.randn(2, 1024, 4)
+    data = torch.randn(2, 1024, 2)
+    cond = torch.randn(2, 1024, 4)
     ids = torch.randint(0, 32, (2, 1024, 3)).float()
-    with torch.inference_mode():
-        out = model(img=data, img_ids=ids, txt=cond, txt_ids=ids, timesteps=torch.rand(2), y=torch.randn(2, 4))
-    assert out.shape == (2, 1024, 2) and out.isfinite().all()
+    timesteps = torch.rand(2)
+    y = torch.randn(2, 4)
+    out = model(data, ids, cond, ids, timesteps, y)
+    assert out.shape == (2, 1024, 2) and out.isfinite().all() and out.requires_grad
     assert params == PRESETS["seq2seq-points"]
 
 

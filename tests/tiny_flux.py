@@ -122,6 +122,17 @@ def diffusers_config(params: FluxParams) -> dict:
     }  # fmt: skip
 
 
+def diffusers_component_folder(folder, component: str, config: dict, pipeline: bool) -> Path:
+    """The folder a diffusers component's weights go in, made, with its config.json: `folder` itself, or with
+    `pipeline` its `component`/ subfolder beside a model_index.json."""
+    target = Path(folder) / component if pipeline else Path(folder)
+    target.mkdir(parents=True, exist_ok=True)
+    if pipeline:
+        (Path(folder) / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
+    (target / "config.json").write_text(json.dumps(config))
+    return target
+
+
 def write_flux_diffusers_folder(
     folder, params: FluxParams, dtype: torch.dtype = torch.float32, seed: int = 0, shards: int = 2,
     pipeline: bool = False,
@@ -130,12 +141,7 @@ def write_flux_diffusers_folder(
     files and their index json. With `pipeline`, `folder` is the pipeline root holding transformer/."""
     weights = random_weights(params, seed, dtype)
     converted = bfl_to_diffusers(weights)
-    root = Path(folder)
-    target = root / "transformer" if pipeline else root
-    target.mkdir(parents=True, exist_ok=True)
-    if pipeline:
-        (root / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
-    (target / "config.json").write_text(json.dumps(diffusers_config(params)))
+    target = diffusers_component_folder(folder, "transformer", diffusers_config(params), pipeline)
     keys = sorted(converted)
     weight_map = {}
     for n in range(shards):
