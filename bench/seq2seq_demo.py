@@ -31,7 +31,7 @@ def main() -> None:
     wall = time.time() - start
     chamfer = results["chamfer"]
     print(f"seq2seq demo: {results['steps']} steps, {args.threads} thread(s); {results['eval']}")
-    print(f"{'':24}{'Chamfer':>10}{'x trained':>11}")
+    print(f"{'':24}{'Chamfer':>10}{'/ trained':>11}   (lower is better)")
     for name, value in chamfer.items():
         print(f"{name:24}{value:10.4f}{value / chamfer['trained']:11.2f}")
     print(f"train {results['train_seconds']:.0f} s + eval {results['eval_seconds']:.0f} s, wall {wall:.0f} s")
