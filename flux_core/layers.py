@@ -95,8 +95,15 @@ class Modulation(nn.Module):
         return self.lin(silu_vec)[:, None, :].chunk(self.multiplier, dim=-1)
 
 
-def mlp(hidden_size: int, mlp_hidden: int) -> nn.Sequential:
-    return nn.Sequential(Linear(hidden_size, mlp_hidden), nn.GELU(approximate="tanh"), Linear(mlp_hidden, hidden_size))
+class GeluMLP(nn.Sequential):
+    """Linear -> GELU(tanh) -> Linear, keys .0 and .2 as in the checkpoints; the GELU rides on the first GEMM."""
+
+    def __init__(self, hidden_size: int, mlp_hidden: int):
+        super().__init__(Linear(hidden_size, mlp_hidden), nn.GELU(approximate="tanh"), Linear(mlp_hidden, hidden_size))
+
+    def forward(self, x: Tensor) -> Tensor:
+        up, _, down = self
+        return down(linear(x, *up.weights_in(x.dtype), gelu=True))
 
 
 class DoubleStreamBlock(nn.Module):
@@ -108,10 +115,10 @@ class DoubleStreamBlock(nn.Module):
         mlp_hidden = int(hidden_size * mlp_ratio)
         self.img_mod = Modulation(hidden_size, double=True)
         self.img_attn = SelfAttention(hidden_size, num_heads, qkv_bias)
-        self.img_mlp = mlp(hidden_size, mlp_hidden)
+        self.img_mlp = GeluMLP(hidden_size, mlp_hidden)
         self.txt_mod = Modulation(hidden_size, double=True)
         self.txt_attn = SelfAttention(hidden_size, num_heads, qkv_bias)
-        self.txt_mlp = mlp(hidden_size, mlp_hidden)
+        self.txt_mlp = GeluMLP(hidden_size, mlp_hidden)
 
     def forward(self, img: Tensor, txt: Tensor, silu_vec: Tensor, pe: Tensor) -> tuple[Tensor, Tensor]:
         i_shift1, i_scale1, i_gate1, i_shift2, i_scale2, i_gate2 = self.img_mod(silu_vec)
@@ -153,9 +160,10 @@ class SingleStreamBlock(nn.Module):
         weight, bias = self.linear1.weights_in(x_mod.dtype)
         # linear1 as two GEMMs over its [qkv | mlp] row blocks: two contiguous outputs instead of one (L, 3H + M)
         # buffer (measured faster on CPU, where that buffer is large enough to be page-faulted in on every call)
-        qkv, mlp_in = (linear(x_mod, weight[rows], bias[rows]) for rows in (self.qkv_rows, self.mlp_rows))
+        qkv = linear(x_mod, weight[self.qkv_rows], bias[self.qkv_rows])
+        mlp = linear(x_mod, weight[self.mlp_rows], bias[self.mlp_rows], gelu=True)
         attn = attend(qkv, self.num_heads, self.norm.query_norm.scale, self.norm.key_norm.scale, pe)
-        out = self.linear2(torch.cat((attn, F.gelu(mlp_in, approximate="tanh")), dim=2))
+        out = self.linear2(torch.cat((attn, mlp), dim=2))
         return torch.addcmul(x, gate, out)
 
 
