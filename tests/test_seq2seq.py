@@ -6,11 +6,13 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from flux_core.checkpoint import CheckpointError
+from flux_core.checkpoint import CheckpointError, load_safetensors
 from flux_core.model import Flux, FluxParams, preset
 from flux_core.pipeline import Conditioning, sample as image_sample
 from flux_core.sampling import FlowMatch, grid_ids, sequence_ids
-from flux_core.seq2seq import Batch, Layout, Seq2Seq, ShapeTask, TensorTask, Trainer, TrainConfig, load_run, position_ids, sample
+from flux_core.seq2seq import (
+    Batch, Layout, Seq2Seq, ShapeTask, TensorTask, Trainer, TrainConfig, load_run, position_ids, sample,
+)  # fmt: skip
 from flux_core.seq2seq.__main__ import main
 from flux_core.seq2seq.demo import chamfer, draw_conditions, shape_condition, shape_points
 
@@ -111,7 +113,8 @@ def test_objective_and_image_sampler_share_the_time_convention():
     assert run.loss(batch, batch_t, generator).item() < 1e-10
 
     latent = torch.zeros(1, 16, 2, 2)  # text-to-image start: the sampler draws the noise itself
-    image = image_sample(oracle, Conditioning(torch.zeros(1, 2, 8)), latent, seed=3, steps=5, flow=FlowMatch(shift=False))
+    no_text = Conditioning(torch.zeros(1, 2, 8))
+    image = image_sample(oracle, no_text, latent, seed=3, steps=5, flow=FlowMatch(shift=False))
     packed_target = target.view(1, 16, 2, 2)  # (c, ph, pw) feature order of one 2x2 patch
     torch.testing.assert_close(image, packed_target, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(sample(run, torch.zeros(1, 2, 8), seed=3, steps=5), target, rtol=1e-4, atol=1e-4)
@@ -121,13 +124,14 @@ def test_objective_and_image_sampler_share_the_time_convention():
 
 def test_any_widths_grid_ids_and_pooled_y(tmp_path):
     generator = torch.Generator().manual_seed(0)
-    tensors = {"cond": torch.randn(20, 5, 3, generator=generator), "data": torch.randn(20, 6, 7, generator=generator) * 3 + 1,
-               "y": torch.randn(20, 4, generator=generator)}  # fmt: skip
+    tensors = {"cond": torch.randn(20, 5, 3, generator=generator), "y": torch.randn(20, 4, generator=generator),
+               "data": torch.randn(20, 6, 7, generator=generator) * 3 + 1}  # fmt: skip
     save_file(tensors, tmp_path / "pairs.safetensors")
     task = TensorTask(tmp_path / "pairs.safetensors", data_ids="grid:2x3", holdout=0.25)
     assert task.train_count == 15 and task.layout.data_len == 6
     torch.testing.assert_close(torch.tensor(task.layout.data_mean), tensors["data"][:15].mean((0, 1)))
-    trainer = Trainer(tiny_params(data_dim=7, cond_dim=3, vec_in_dim=4), task, TrainConfig(steps=2, batch_size=4, bf16=True))
+    params = tiny_params(data_dim=7, cond_dim=3, vec_in_dim=4)
+    trainer = Trainer(params, task, TrainConfig(steps=2, batch_size=4, bf16=True))
     trainer.train(tmp_path / "run", progress=False)
     run = load_run(tmp_path / "run")
     assert run.layout.data_ids == "grid:2x3"
@@ -172,7 +176,8 @@ def test_demo_task_metric_is_honest():
     wrong = shape_points(other, 512, generator, 0.02)
     assert chamfer(truth, again).mean() < 0.02 < 0.03 < chamfer(truth, wrong).mean()
     ellipse = shape_points(shape_condition("ring", (0.5, -0.5), (0.4, 0.2)), 256, generator, 0.0)
-    torch.testing.assert_close((((ellipse - torch.tensor([0.5, -0.5])) / torch.tensor([0.4, 0.2])) ** 2).sum(-1), torch.ones(1, 256))
+    on_ellipse = (((ellipse - torch.tensor([0.5, -0.5])) / torch.tensor([0.4, 0.2])) ** 2).sum(-1)
+    torch.testing.assert_close(on_ellipse, torch.ones(1, 256))
     square = shape_points(shape_condition("square", (0.0, 0.0), (0.3, 0.3)), 256, generator, 0.0)
     assert torch.allclose(square.abs().amax(-1), torch.tensor(0.3))  # every point on the box's edge
 
@@ -191,3 +196,21 @@ def test_cli_train_resume_sample_eval(tmp_path, capsys):
     main(["eval", "--run", run, "--steps", "2"])
     assert json.loads(capsys.readouterr().out)["chamfer"] > 0
     assert preset("seq2seq-demo").depth_single_blocks == 0
+
+
+def test_cli_on_your_own_tensors(tmp_path, capsys):
+    generator = torch.Generator().manual_seed(0)
+    pairs = {"cond": torch.randn(10, 3, 5, generator=generator), "data": torch.randn(10, 6, 3, generator=generator)}
+    save_file(pairs, tmp_path / "pairs.safetensors")
+    save_file({"cond": pairs["cond"][:2]}, tmp_path / "cond.safetensors")
+    run = str(tmp_path / "run")
+    tiny = ["--set", "hidden_size=16", "--set", "num_heads=2", "--set", "axes_dim=[2,2,4]"]
+    main(["train", "--run", run, "--data", str(tmp_path / "pairs.safetensors"), "--data-ids", "grid:2x3",
+          "--steps", "2", "--batch-size", "2", *tiny])  # fmt: skip
+    main(["train", "--run", run, "--resume", "--steps", "3"])  # the data file comes from the run
+    main(["sample", "--run", run, "--cond", str(tmp_path / "cond.safetensors"), "--steps", "2",
+          "--out", str(tmp_path / "out.safetensors")])  # fmt: skip
+    assert load_safetensors(tmp_path / "out.safetensors")["data"].shape == (2, 6, 3)
+    capsys.readouterr()
+    main(["eval", "--run", run])
+    assert json.loads(capsys.readouterr().out)["val_loss"] > 0

@@ -3,10 +3,11 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 from ..checkpoint import load_safetensors
 from ..model import preset
@@ -34,8 +35,9 @@ def main(argv: list[str] | None = None) -> None:
     train.add_argument("--cond-ids", default="sequence", help="sequence | set | grid:HxW (with --data)")
     train.add_argument("--holdout", type=float, default=0.1, help="fraction of --data items kept for eval")
     train.add_argument("--preset", default=DEMO_PRESET, help="FluxParams preset; token widths come from the data")
-    train.add_argument("--set", action="append", default=[], metavar="FIELD=JSON", help="FluxParams override, e.g. hidden_size=128")
-    train.add_argument("--shift", action="store_true", help="shift the time schedule by sequence length (training and sampling)")
+    train.add_argument("--set", action="append", default=[], metavar="FIELD=JSON",
+                       help="FluxParams override, e.g. hidden_size=128")  # fmt: skip
+    train.add_argument("--shift", action="store_true", help="shift the time schedule by sequence length")
     train.add_argument("--resume", action="store_true", help="continue the run in --run (--steps may extend it)")
     train.add_argument("--device", default="cpu")
     for f in fields(TrainConfig):
@@ -78,21 +80,22 @@ def demo_command(args) -> None:
 
 
 def train_command(args) -> None:
-    task = TensorTask(args.data, args.data_ids, args.cond_ids, args.holdout) if args.data else ShapeTask()
     overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name) is not None}
     if args.resume:
         if not (Path(args.run) / TRAIN_STATE_FILE).is_file():
             sys.exit(f"{args.run} has no {TRAIN_STATE_FILE} to resume from; train without --resume first")
+        task = make_task(read_params(args.run)["task"])  # the task it was trained on, data file included
         trainer = Trainer.resume(args.run, task, overrides.get("steps"), args.device)
     else:
         if (Path(args.run) / TRAIN_STATE_FILE).is_file():
             sys.exit(f"{args.run} already holds a run: pass --resume to continue it, or another --run")
+        task = TensorTask(args.data, args.data_ids, args.cond_ids, args.holdout) if args.data else ShapeTask()
         probe = task.batch(1, torch.Generator().manual_seed(0))
-        widths = dict(in_channels=probe.data.shape[-1], out_channels=probe.data.shape[-1],
-                      context_in_dim=probe.cond.shape[-1], vec_in_dim=0 if probe.y is None else probe.y.shape[-1])  # fmt: skip
+        data_dim, cond_dim = probe.data.shape[-1], probe.cond.shape[-1]
+        widths = dict(in_channels=data_dim, out_channels=data_dim, context_in_dim=cond_dim,
+                      vec_in_dim=0 if probe.y is None else probe.y.shape[-1])  # fmt: skip
         params = preset(args.preset, **widths, **dict(_field(item) for item in args.set))
-        base = DEMO_TRAIN if isinstance(task, ShapeTask) else TrainConfig()
-        config = TrainConfig(**{**{f.name: getattr(base, f.name) for f in fields(TrainConfig)}, **overrides})
+        config = replace(DEMO_TRAIN if isinstance(task, ShapeTask) else TrainConfig(), **overrides)
         trainer = Trainer(params, task, config, FlowMatch(shift=args.shift), args.device)
     trainer.train(args.run)
     print(f"trained to step {trainer.step}, last loss {trainer.losses[-1]:.4f}; run in {args.run}")
@@ -107,14 +110,12 @@ def _field(item: str) -> tuple[str, object]:
 
 
 def sample_command(args) -> None:
-    from safetensors.torch import save_file
-
-    run = load_run(args.run)
-    task_name = read_params(args.run)["task"]["name"]
+    run, task_description = load_run(args.run), read_params(args.run)["task"]
     if args.shapes:
-        if task_name != ShapeTask.name:
-            sys.exit(f"--shapes needs a run of the shapes task; {args.run} was trained on {task_name!r}: use --cond")
-        task = make_task(read_params(args.run)["task"])
+        if task_description["name"] != ShapeTask.name:
+            sys.exit(f"--shapes needs a run of the shapes task; {args.run} was trained on "
+                     f"{task_description['name']!r}: use --cond")  # fmt: skip
+        task = make_task(task_description)
         cond, y = task.held_out(args.shapes, args.seed)[0], None
         data_len = args.data_len or task.num_points
     else:

@@ -128,7 +128,7 @@ def sample(
     callback: Callable[[int, int, Tensor], None] | None = None,
 ) -> Tensor:  # (B, data_len, in_channels) float32 on the CPU, in data units
     """Data tokens for condition tokens. Item i starts from the noise of seed + i, so a batch equals its items
-    sampled one by one; `method` is euler (1 model call per step) or heun (2)."""
+    sampled one by one; `method` is euler (1 model call per step) or heun (2, the last step 1)."""
     params, layout = run.model.params, run.layout
     if cond.ndim != 3 or cond.shape[-1] != params.context_in_dim:
         raise ValueError(f"condition tokens must be (batch, tokens, {params.context_in_dim}), got {tuple(cond.shape)}")
@@ -180,7 +180,9 @@ def read_params(run_dir: str | os.PathLike) -> dict:
     return json.loads(path.read_text())
 
 
-def load_run(run_dir: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> Seq2Seq:
+def load_run(
+    run_dir: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> Seq2Seq:
     """A trained run ready for `sample`: the EMA weights assigned into a meta-built Flux (no random init)."""
     meta = read_params(run_dir)
     params = FluxParams(**meta["flux"])

@@ -47,7 +47,9 @@ def draw_conditions(size: int, generator: torch.Generator) -> Tensor:
     return torch.stack([torch.nn.functional.one_hot(kind, len(SHAPES)).float(), torch.cat([centre, half_size], -1)], 1)
 
 
-def shape_condition(kind: str, centre: tuple[float, float] = (0.0, 0.0), half_size: tuple[float, float] = (0.4, 0.4)) -> Tensor:
+def shape_condition(
+    kind: str, centre: tuple[float, float] = (0.0, 0.0), half_size: tuple[float, float] = (0.4, 0.4)
+) -> Tensor:
     """(1, 2, 4) condition tokens for one shape, e.g. shape_condition("triangle", (0.2, 0), (0.5, 0.3))."""
     if kind not in SHAPES:
         raise ValueError(f"unknown shape {kind!r}; the demo knows {', '.join(SHAPES)}")
@@ -103,12 +105,13 @@ class ShapeTask:
 
     def __init__(self, num_points: int = 1024, train_points: int = 32, jitter: float = 0.02):
         self.num_points, self.train_points, self.jitter = num_points, train_points, jitter
-        stats = shape_points(draw_conditions(256, torch.Generator().manual_seed(0)), 256, torch.Generator().manual_seed(1), jitter)
+        generator = torch.Generator().manual_seed(0)
+        stats = shape_points(draw_conditions(256, generator), 256, generator, jitter)
         std = stats.flatten(0, 1).std(0).mean().item()  # one scale for both axes keeps the plane isotropic
         self.layout = Layout(train_points, [0.0, 0.0], [std, std], data_ids="set", cond_ids="sequence", iid_tokens=True)
 
     def describe(self) -> dict:
-        return {"name": self.name, "num_points": self.num_points, "train_points": self.train_points, "jitter": self.jitter}
+        return dict(name=self.name, num_points=self.num_points, train_points=self.train_points, jitter=self.jitter)
 
     def batch(self, size: int, generator: torch.Generator) -> Batch:
         cond = draw_conditions(size, generator)
@@ -120,7 +123,9 @@ class ShapeTask:
         cond = draw_conditions(count, generator)
         return cond, shape_points(cond, self.num_points, generator, self.jitter), generator
 
-    def evaluate(self, run: Seq2Seq, steps: int, seed: int, method: str = "euler", count: int = EVAL_COUNT) -> dict[str, float]:
+    def evaluate(
+        self, run: Seq2Seq, steps: int, seed: int, method: str = "euler", count: int = EVAL_COUNT
+    ) -> dict[str, float]:
         """Mean Chamfer distance over `count` held-out conditions; condition k is sampled from seed + k."""
         cond, truth, _ = self.held_out(count, seed)
         chunk = 8
@@ -133,7 +138,7 @@ class ShapeTask:
     def baselines(self, seed: int, count: int = EVAL_COUNT) -> dict[str, float]:
         """Chamfer of reference predictors on the same held-out conditions as `evaluate`:
         floor: another true sample of the same shape (the best any model can do);
-        global_gaussian: a Gaussian fitted to all training points, ignoring the condition (trivial baseline);
+        global_gaussian: one Gaussian fitted to the points of 256 training shapes, ignoring the condition;
         oracle_gaussian: a Gaussian with each shape's true mean and covariance (knows where, not what)."""
         cond, truth, generator = self.held_out(count, seed)
         again = shape_points(cond, self.num_points, generator, self.jitter)
@@ -141,8 +146,8 @@ class ShapeTask:
         noise = seeded_noise((count, self.num_points, 2), seed)
         global_fit = gaussian_like(train[None], noise)
         oracle_fit = gaussian_like(shape_points(cond, 8192, generator, self.jitter), noise)
-        return {name: chamfer(points, truth).mean().item()
-                for name, points in (("floor", again), ("global_gaussian", global_fit), ("oracle_gaussian", oracle_fit))}  # fmt: skip
+        fits = {"floor": again, "global_gaussian": global_fit, "oracle_gaussian": oracle_fit}
+        return {name: chamfer(points, truth).mean().item() for name, points in fits.items()}
 
 
 def gaussian_like(points: Tensor, noise: Tensor) -> Tensor:
@@ -171,6 +176,7 @@ def plot(points: Tensor, path: str) -> None:
     from PIL import Image
 
     Image.fromarray(render(points).numpy()).save(path)
+
 
 def compare(task: ShapeTask, trained: Seq2Seq, untrained: Seq2Seq, seed: int = 0, steps: int = EVAL_STEPS) -> dict:
     """Chamfer of the trained and untrained model and of the baselines on the same held-out conditions."""

@@ -21,8 +21,10 @@ class TensorTask:
         tensors = load_safetensors(self.path)
         missing = {"cond", "data"} - set(tensors)
         if missing:
-            raise ValueError(f"{self.path.name} lacks {', '.join(sorted(missing))}: it needs tensors 'cond' (N, Lc, Cc) "
-                             f"and 'data' (N, Ld, Cd), optionally 'y' (N, V); it has {', '.join(sorted(tensors))}")  # fmt: skip
+            raise ValueError(
+                f"{self.path.name} lacks {', '.join(sorted(missing))}: it needs tensors 'cond' (N, Lc, Cc) and "
+                f"'data' (N, Ld, Cd), optionally 'y' (N, V); it has {', '.join(sorted(tensors))}"
+            )
         self.cond, self.data = tensors["cond"].float(), tensors["data"].float()
         self.y = tensors["y"].float() if "y" in tensors else None
         count = self.data.shape[0]

@@ -52,7 +52,7 @@ def init_model(params: FluxParams, seed: int) -> Flux:
         torch.manual_seed(seed)
         model = Flux(params)
     zeroed = [model.final_layer.linear, model.final_layer.adaLN_modulation[1]]
-    zeroed += [block.img_mod.lin for block in model.double_blocks] + [block.txt_mod.lin for block in model.double_blocks]
+    zeroed += [mod.lin for block in model.double_blocks for mod in (block.img_mod, block.txt_mod)]
     zeroed += [block.modulation.lin for block in model.single_blocks]
     with torch.no_grad():
         for linear in zeroed:
@@ -153,7 +153,8 @@ class Trainer:
         run_dir = Path(run_dir)
         meta = read_params(run_dir)
         saved = json.loads((run_dir / TRAIN_STATE_FILE).read_text())
-        config = TrainConfig(**{f.name: saved["config"][f.name] for f in fields(TrainConfig) if f.name in saved["config"]})
+        known = {f.name for f in fields(TrainConfig)}
+        config = TrainConfig(**{k: v for k, v in saved["config"].items() if k in known})
         if steps is not None:
             config.steps = steps
         trainer = cls(FluxParams(**meta["flux"]), task, config, FlowMatch(**meta["flow"]), device)
@@ -180,9 +181,11 @@ def check_task(params: FluxParams, task: Task) -> None:
     probe = task.batch(1, torch.Generator().manual_seed(0))
     problems = []
     if probe.data.shape[-1] != params.in_channels or params.out_channels != params.in_channels:
-        problems.append(f"data tokens are {probe.data.shape[-1]} wide: set in_channels = out_channels = {probe.data.shape[-1]}")
+        width = probe.data.shape[-1]
+        problems.append(f"data tokens are {width} wide: set in_channels = out_channels = {width}")
     if probe.cond.shape[-1] != params.context_in_dim:
-        problems.append(f"condition tokens are {probe.cond.shape[-1]} wide: set context_in_dim = {probe.cond.shape[-1]}")
+        width = probe.cond.shape[-1]
+        problems.append(f"condition tokens are {width} wide: set context_in_dim = {width}")
     y_dim = 0 if probe.y is None else probe.y.shape[-1]
     if y_dim != params.vec_in_dim:
         problems.append(f"the task's pooled vector y is {y_dim} wide: set vec_in_dim = {y_dim}")
