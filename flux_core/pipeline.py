@@ -121,3 +121,44 @@ def to_unit_images(decoded: Tensor) -> Tensor:
 def from_unit_images(images: Tensor) -> Tensor:
     """(B, H, W, 3) in [0, 1] -> (B, 3, H, W) in [-1, 1]."""
     return images[..., :3].permute(0, 3, 1, 2).float() * 2 - 1
+
+
+def generate(
+    model: Flux,
+    ae,
+    text_encoders,
+    prompt: str | list[str],
+    width: int = 1024,
+    height: int = 1024,
+    steps: int | None = None,
+    guidance: float = 3.5,
+    seed: int = 0,
+    batch_size: int = 1,
+    negative_prompt: str | None = None,
+    cfg: float = 1.0,
+    init_image: Tensor | None = None,  # (B, H, W, 3) in [0, 1]
+    denoise: float = 1.0,
+    callback: Callable[[int, int, Tensor], None] | None = None,
+) -> Tensor:  # (B, H, W, 3) in [0, 1]
+    """Prompt(s) in, images out. dev-type models default to 28 steps and 512 T5 tokens, schnell to 4 and 256.
+
+    One prompt makes `batch_size` images (seeds seed, seed + 1, ...); a list makes one image per prompt.
+    With `init_image` and denoise < 1 this is image-to-image (the image's size is used).
+    """
+    distilled = model.params.guidance_embed
+    steps = steps or (28 if distilled else 4)
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    t5_tokens = 512 if distilled else 256
+
+    def encode(texts: list[str]) -> Conditioning:
+        return Conditioning(*text_encoders.encode(texts, texts, t5_max_length=t5_tokens))
+
+    positive = encode(prompts)
+    negative = encode([negative_prompt or ""] * len(prompts)) if cfg > 1 else None
+    if init_image is not None:
+        latent = ae.encode(from_unit_images(init_image).to(ae.device, ae.dtype)).float()
+    else:
+        latent = empty_latent(width, height, batch_size if len(prompts) == 1 else len(prompts))
+    latent = sample(model, positive, latent, seed, steps, guidance, cfg, negative, denoise, callback=callback)
+    with torch.inference_mode():
+        return to_unit_images(ae.decode(latent.to(ae.device, ae.dtype)))
