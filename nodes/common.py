@@ -1,6 +1,7 @@
 """Shared node plumbing: categories, custom type names, weight dtypes, and the loaded-model cache."""
 import os
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -56,3 +57,11 @@ class ModelCache:
 
 LOADED = ModelCache()
 
+
+
+@dataclass
+class TextEncodersOn:
+    """Text encoders kept on the offload device, with the device they run on while encoding."""
+
+    encoders: object  # flux_core.conditioning.TextEncoders
+    device: torch.device

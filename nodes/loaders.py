@@ -4,7 +4,9 @@ from ..flux_core.conditioning import load_text_encoders
 from ..flux_core.loading import load_flux
 from ..flux_core.model import PRESETS
 from . import host
-from .common import CATEGORY, LOADED, MODEL, TEXT_ENCODERS, VAE, WEIGHT_DTYPES, compute_dtype, file_fingerprint
+from .common import (
+    CATEGORY, LOADED, MODEL, TEXT_ENCODERS, VAE, WEIGHT_DTYPES, TextEncodersOn, compute_dtype, file_fingerprint,
+)  # fmt: skip
 
 
 class FluxKitModelLoader:
@@ -89,11 +91,10 @@ class FluxKitTextEncoderLoader:
         run_device = host.torch_device() if device == "default" else host.offload_device()
         key = ("text", *(file_fingerprint(p) for p in paths), str(run_device))
         encoders = LOADED.get(key, lambda: load_text_encoders(
-            paths[0], paths[1], tokenizer_dirs=host.tokenizer_dirs(),
+            paths[0], paths[1], tokenizer_dirs=host.tokenizer_dirs(), comfy_root=host.comfy_root(),
             dtype=compute_dtype(run_device, None), device=host.offload_device(),
         ))  # fmt: skip
-        encoders.run_device = run_device
-        return (encoders,)
+        return (TextEncodersOn(encoders, run_device),)
 
 
 class FluxKitVAELoader:

@@ -32,8 +32,10 @@ class FluxKitTextEncode:
         }  # fmt: skip
 
     def encode(self, text_encoders, clip_l, t5xxl, guidance, t5_tokens):
-        txt, pooled = text_encoders.encode([clip_l], [t5xxl], t5_max_length=int(t5_tokens))
+        with text_encoders.encoders.on(text_encoders.device):  # back to the offload device afterwards
+            txt, pooled = text_encoders.encoders.encode([clip_l], [t5xxl], t5_max_length=int(t5_tokens))
         host.free_memory()
+        txt, pooled = txt.float().cpu(), pooled.float().cpu()
         return ([[txt, {"pooled_output": pooled, "guidance": guidance}]],)
 
 

@@ -1,4 +1,6 @@
 """VAE decode and encode nodes. Glue over flux_core.autoencoder; LATENT holds raw AE latents, as ComfyUI's."""
+import torch
+
 from ..flux_core.pipeline import from_unit_images, to_unit_images
 from .common import CATEGORY, VAE
 
@@ -22,13 +24,14 @@ class FluxKitVAEDecode:
             }
         }  # fmt: skip
 
+    @torch.inference_mode()
     def decode(self, samples, vae, tiled, tile_size, overlap):
-        raw = samples["samples"]
+        raw = samples["samples"].to(vae.device, vae.dtype)
         if tiled:
             decoded = vae.decode_tiled(raw, tile_size=tile_size, overlap=overlap, scaled=False)
         else:
             decoded = vae.decode(raw, scaled=False)
-        return (to_unit_images(decoded),)
+        return (to_unit_images(decoded).cpu(),)
 
 
 class FluxKitVAEEncode:
@@ -47,11 +50,13 @@ class FluxKitVAEEncode:
             }
         }
 
+    @torch.inference_mode()
     def encode(self, pixels, vae):
         height, width = pixels.shape[1] // 16 * 16, pixels.shape[2] // 16 * 16
         if not height or not width:
             raise ValueError(f"image of {pixels.shape[2]}x{pixels.shape[1]} is smaller than 16x16 pixels")
-        return ({"samples": vae.encode(from_unit_images(pixels[:, :height, :width]), scaled=False)},)
+        image = from_unit_images(pixels[:, :height, :width]).to(vae.device, vae.dtype)
+        return ({"samples": vae.encode(image, scaled=False).float().cpu()},)
 
 
 NODE_CLASS_MAPPINGS = {"FluxKitVAEDecode": FluxKitVAEDecode, "FluxKitVAEEncode": FluxKitVAEEncode}
