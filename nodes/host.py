@@ -63,7 +63,7 @@ def model_list(kind: str) -> list[str]:
     for folder in _folders(kind):
         for dirpath, dirnames, filenames in os.walk(folder):
             here = Path(dirpath)
-            if here != folder and ({"model_index.json", "config.json"} & set(filenames)):
+            if here != folder and ({"model_index.json", "config.json", "params.json"} & set(filenames)):
                 names.add(here.relative_to(folder).as_posix())
                 dirnames.clear()  # a diffusers folder is one model: do not list its shards
                 continue

@@ -15,7 +15,13 @@ from tiny_ae import (
 from tiny_flux import random_weights, tiny_params, write_flux_bfl
 from tiny_text import write_clip_l, write_t5
 
-torch.set_grad_enabled(False)
+
+
+@pytest.fixture(autouse=True)
+def no_grad():
+    """Gradients off for this module only (a module-level switch would leak into later test files)."""
+    with torch.no_grad():
+        yield
 
 
 def smooth_image(height: int, width: int) -> torch.Tensor:  # (1, 3, H, W) in [-0.9, 0.9]

@@ -8,6 +8,7 @@ import torch
 
 from tiny_ae import tiny_ae_params, write_ae_bfl
 from tiny_flux import tiny_params, write_flux_bfl
+from test_seq2seq import tiny_trainer
 from tiny_text import tiny_clip_config, tiny_t5_config, write_clip_l, write_t5
 
 from conftest import REPO
@@ -38,6 +39,7 @@ def models(tmp_path_factory, shared_dir, pack):
     write_clip_l(root / "text_encoders" / "clip_l.safetensors", clip)
     write_t5(root / "text_encoders" / "t5xxl_fp16.safetensors", t5)
     write_ae_bfl(root / "vae" / "ae.safetensors", tiny_ae_params())
+    tiny_trainer(steps=2).train(root / "fluxkit_seq2seq" / "shapes-tiny", progress=False)
     for name in ("clip_l", "t5_xxl"):
         shutil.copytree(shared_dir / "tokenizers" / name, root / "tokenizers" / name)
     host = sys.modules[pack.__name__ + ".nodes.host"]
@@ -141,3 +143,13 @@ def test_bad_inputs_through_the_nodes(pack, models, tmp_path):
             node(pack, "FluxKitTextEncoderLoader").load("clip_l.safetensors", "t5xxl_fp16.safetensors", "cpu")
     finally:
         host.configure(models_dir=models)
+
+
+def test_seq2seq_nodes_sample_a_point_set_image(pack, models):
+    (run,) = node(pack, "FluxKitSeq2SeqLoader").load("shapes-tiny")
+    (condition,) = node(pack, "FluxKitShapeCondition").make("triangle", 0.1, 0.0, 0.4, 0.3)
+    assert condition.shape == (1, 2, 4)
+    (image,) = node(pack, "FluxKitSeq2SeqSample").sample(run, condition, 3, 4, 64, 2)
+    (same,) = node(pack, "FluxKitSeq2SeqSample").sample(run, condition, 3, 4, 64, 2)
+    assert image.shape == (1, 256, 512, 3) and torch.equal(image, same)
+    assert image.min() == 0 and image.max() == 1  # black points on white

@@ -27,7 +27,8 @@ def defs(pack):
 
 
 def test_workflows_are_shipped():
-    assert {"flux_dev_txt2img.json", "flux_schnell_txt2img.json", "flux_dev_img2img.json"} <= {p.name for p in WORKFLOWS}
+    shipped = {p.name for p in WORKFLOWS}
+    assert {"flux_dev_txt2img.json", "flux_schnell_txt2img.json", "flux_dev_img2img.json", "seq2seq_shapes_demo.json"} <= shipped
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
@@ -65,3 +66,12 @@ def test_missing_model_files_are_listed(pack, tmp_path, capsys):
     assert code != 0
     for missing in ("flux1-dev.safetensors", "clip_l.safetensors", "t5xxl_fp16.safetensors", "ae.safetensors"):
         assert missing in err
+
+
+def test_seq2seq_workflow_runs_headless(pack, models, tmp_path):  # noqa: F811
+    runner = importlib.import_module(f"{pack.__name__}.nodes.runner")
+    argv = ["run", str(REPO / "workflows" / "seq2seq_shapes_demo.json"), "--models", str(models),
+            "--output", str(tmp_path), "--set", "1.run_name=shapes-tiny", "--set", "3.steps=2"]  # fmt: skip
+    assert runner.main(argv) == 0
+    (png,) = tmp_path.rglob("*.png")
+    assert Image.open(png).size == (4 * 256, 256)
