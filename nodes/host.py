@@ -104,8 +104,8 @@ def input_dir() -> Path:
 
 def comfy_root() -> Path | None:
     """ComfyUI's source folder when running inside it (for its bundled tokenizers)."""
-    comfy = _comfy("comfy")
-    return Path(comfy.__file__).resolve().parent.parent if comfy is not None else None
+    folder_paths = _comfy("folder_paths")  # `comfy` is a namespace package without __file__: ask folder_paths
+    return Path(folder_paths.base_path) if folder_paths is not None else None
 
 
 def torch_device() -> torch.device:
