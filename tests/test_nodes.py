@@ -153,3 +153,22 @@ def test_seq2seq_nodes_sample_a_point_set_image(pack, models):
     (same,) = node(pack, "FluxKitSeq2SeqSample").sample(run, condition, 3, 4, 64, 2)
     assert image.shape == (1, 256, 512, 3) and torch.equal(image, same)
     assert image.min() == 0 and image.max() == 1  # black points on white
+
+
+def test_generate_turns_a_prompt_into_images_without_comfyui(models, shared_dir):
+    from flux_core.autoencoder import load_autoencoder
+    from flux_core.conditioning import load_text_encoders
+    from flux_core.loading import load_flux
+    from flux_core.pipeline import generate
+
+    model = load_flux(models / "diffusion_models" / "flux1-dev.safetensors", dtype=torch.float32)
+    ae = load_autoencoder(models / "vae" / "ae.safetensors")
+    text = load_text_encoders(
+        models / "text_encoders" / "clip_l.safetensors", models / "text_encoders" / "t5xxl_fp16.safetensors",
+        tokenizer_dirs=[shared_dir / "tokenizers"], dtype=torch.float32,
+    )  # fmt: skip
+    images = generate(model, ae, text, "a cat", width=64, height=32, steps=2, seed=3, batch_size=2)
+    assert images.shape == (2, 32, 64, 3) and 0 <= images.min() and images.max() <= 1
+    again = generate(model, ae, text, ["a cat", "a dog"], width=64, height=32, steps=2, seed=3)
+    torch.testing.assert_close(again[0], images[0], atol=1e-5, rtol=0)  # same prompt, same seed
+    assert (again[1] - images[1]).abs().max() > 1e-4  # other prompt
