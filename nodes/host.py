@@ -165,3 +165,14 @@ def tokenizer_dirs() -> list[Path]:
     if os.environ.get("FLUXKIT_TOKENIZERS"):
         dirs.append(Path(os.environ["FLUXKIT_TOKENIZERS"]))
     return dirs
+
+
+def step_callback(steps: int):
+    """A sampler callback(step, total, x) that honours ComfyUI's Stop and advances the progress bar each step."""
+    bar = progress_bar(steps)
+
+    def on_step(step: int, total: int, _x) -> None:
+        check_interrupt()
+        bar.update_absolute(step, total)
+
+    return on_step

@@ -112,17 +112,11 @@ class FluxKitSampler:
         if cfg > 1 and negative is None:
             raise ValueError(f"cfg is {cfg}: connect a negative prompt, or set cfg to 1.0 (Flux's normal use)")
         flow = FlowMatch(shift=model.params.guidance_embed, base_shift=base_shift, max_shift=max_shift)
-        bar = host.progress_bar(steps)
-
-        def on_step(step, total, _x):
-            host.check_interrupt()
-            bar.update_absolute(step, total)
-
         host.check_interrupt()
         out = sample(
             model, _conditioning(positive, "positive"), latent_from_raw(raw), seed=seed, steps=steps,
             guidance=guidance, cfg=cfg, negative=None if negative is None else _conditioning(negative, "negative"),
-            denoise=denoise, flow=flow, callback=on_step,
+            denoise=denoise, flow=flow, callback=host.step_callback(steps),
         )  # fmt: skip
         return ({**latent_image, "samples": latent_to_raw(out)},)
 

@@ -74,13 +74,7 @@ class FluxKitSeq2SeqSample:
         }  # fmt: skip
 
     def sample(self, run, condition, seed, steps, points, batch_size):
-        bar = host.progress_bar(steps)
-
-        def on_step(step, total, _x):
-            host.check_interrupt()
-            bar.update_absolute(step, total)
-
-        tokens = sample(run, condition.expand(batch_size, -1, -1), seed, steps, data_len=points, callback=on_step)
+        tokens = sample(run, condition.expand(batch_size, -1, -1), seed, steps, data_len=points, callback=host.step_callback(steps))
         canvas = render(tokens).float() / 255  # (H, W)
         return (canvas[None, :, :, None].expand(-1, -1, -1, 3).contiguous(),)
 
