@@ -1,5 +1,5 @@
 """The Flux rectified-flow transformer (FLUX.1), its parameters and the named presets."""
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .autoencoder import AutoEncoderParams
 from .model import Flux
 from .sampling import (
     FlowMatch,
@@ -20,16 +21,9 @@ from .sampling import (
     unpack,
 )
 
-LATENT_SCALE, LATENT_SHIFT = 0.3611, 0.1159
-
-
-def latent_from_raw(raw: Tensor) -> Tensor:
-    """ComfyUI's raw AE latent -> the scaled latent the transformer works on."""
-    return (raw - LATENT_SHIFT) * LATENT_SCALE
-
-
-def latent_to_raw(latent: Tensor) -> Tensor:
-    return latent / LATENT_SCALE + LATENT_SHIFT
+_FLUX_AE = AutoEncoderParams.flux()
+latent_from_raw = _FLUX_AE.scale_latent  # ComfyUI's raw AE latent -> the scaled latent the transformer works on
+latent_to_raw = _FLUX_AE.unscale_latent
 
 
 @dataclass
