@@ -7,8 +7,11 @@ its q/k/v splits come back as copies). peak_own_gb = peak - resident + the phase
 (512 T5 tokens, pooled 768) stand in for the encoders: encode is excluded, decode included. Each phase prints the
 median ms per step (CUDA events between step callbacks), the median end-to-end seconds and the peak GPU memory
 (everything resident counts: weights, both AEs, embeddings). Phases: eager and torch.compile (transformer only,
-default mode, warm-up timed apart), bf16, then our fp8 weights (Linear weights kept float8_e4m3fn as
-load_flux(weight_dtype=...) keeps them, upcast per call), after diffusers' models are freed.
+default mode, warm-up timed apart; ours per block with Flux.compile_blocks, diffusers' with its
+compile_repeated_blocks), bf16, then our fp8 weights (Linear weights kept float8_e4m3fn as
+load_flux(weight_dtype=...) keeps them: upcast per call, or with fp8-fast fed to the fp8 matrix units as
+load_flux(fp8_matmul=True) does), after diffusers' models are freed. parity-f32 runs both pipelines in float32
+(4 steps) on float32 copies of the same weights: how far apart they are without bf16 rounding.
 
     python bench/gpu_flux_dev.py                        # 1024 px, 28 steps, cuda; JSON to bench/results/
     python bench/gpu_flux_dev.py --tiny --device cpu    # small width and image, 3 steps: proves the script
@@ -32,11 +35,14 @@ from tiny_flux import bfl_to_diffusers, diffusers_config  # noqa: E402
 from flux_core.autoencoder import AutoEncoder, AutoEncoderParams  # noqa: E402
 from flux_core.checkpoint import load_weights  # noqa: E402
 from flux_core.model import Flux, preset  # noqa: E402
-from flux_core.ops import Linear  # noqa: E402
+from flux_core.ops import Linear, enable_fp8_matmul  # noqa: E402
 from flux_core.pipeline import Conditioning, empty_latent, sample, seeded_noise, to_unit_images  # noqa: E402
 from flux_core.sampling import pack  # noqa: E402
 
-PHASES = ("ours", "diffusers", "ours-compiled", "diffusers-compiled", "ours-fp8", "ours-fp8-compiled")
+PHASES = (
+    "ours", "diffusers", "ours-compiled", "diffusers-compiled", "ours-fp8", "ours-fp8-compiled", "ours-fp8-fast",
+    "ours-fp8-fast-compiled", "parity-f32",
+)  # fmt: skip
 GB = 1e9
 GUIDANCE = 3.5
 
@@ -85,6 +91,14 @@ def param_bytes(*modules: torch.nn.Module) -> int:
     return sum(p.nbytes for m in modules for p in m.parameters())
 
 
+def float32_copy(module: torch.nn.Module) -> torch.nn.Module:
+    """A float32 copy of `module`, built on meta and assigned the upcast tensors (no random init)."""
+    with torch.device("meta"):
+        copy = type(module)(module.params)
+    copy.load_state_dict({k: v.float() for k, v in module.state_dict().items()}, assign=True)
+    return copy.eval().requires_grad_(False)
+
+
 def fp8_copy_of(model: Flux) -> Flux:
     """`model` with every Linear weight stored as float8_e4m3fn, through the loader's own assignment (load_weights
     with weight_dtype), as load_flux(..., weight_dtype=torch.float8_e4m3fn) keeps a bf16 file's weights."""
@@ -103,12 +117,14 @@ class StepClock:
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
         self.marks = []
+        self.sampling_peak = None  # max_memory_allocated at the last step: the denoising loop's peak, decode apart
 
     def mark(self, *_) -> None:
         if self.cuda:
             event = torch.cuda.Event(enable_timing=True)
             event.record()
             self.marks.append(event)
+            self.sampling_peak = torch.cuda.max_memory_allocated()
         else:
             self.marks.append(time.perf_counter())
 
@@ -143,6 +159,7 @@ def measure(run, device: torch.device, steps: int, warm_steps: int, repeats: int
         "ms_per_step": statistics.median(step_ms), "e2e_s": statistics.median(e2e), "e2e_runs_s": e2e,
         "warmup_s": warmup_s, "warmup_steps": warm_steps, "repeats": repeats, "resident_gb": resident / GB,
         "peak_gb": torch.cuda.max_memory_allocated() / GB if device.type == "cuda" else None,
+        "sampling_peak_gb": clock.sampling_peak / GB if clock.sampling_peak else None,
     }  # fmt: skip
     return result, image.float().cpu()
 
@@ -238,18 +255,49 @@ def main() -> None:
 
     phase("ours", run_ours(model), compiled=False, own=(model, ae))
     phase("diffusers", run_diffusers, compiled=False, own=(theirs, vae))
-    phase("ours-compiled", run_ours(torch.compile(model, backend=args.compile_backend)), compiled=True, own=(model, ae))
-    theirs.compile(backend=args.compile_backend)
+    if "parity-f32" in phases:  # float32 copies of the same weights, 4 steps: the pipelines' distance sans bf16
+        model32, ae32 = float32_copy(model), float32_copy(ae)
+        theirs32 = on_meta_with(FluxTransformer2DModel, diffusers_config(params), bfl_to_diffusers(model32.state_dict()))
+        vae_state = bfl_to_diffusers_vae(ae32.state_dict(), ae_params)
+        pipe32 = FluxPipeline(scheduler, on_meta_with(AutoencoderKL, diffusers_vae_config(ae_params), vae_state), None, None, None, None, theirs32)
+        pipe32.set_progress_bar_config(disable=True)
+        with torch.inference_mode():
+            latent = sample(model32, Conditioning(txt.float(), y.float()), start_latent, 0, 4, GUIDANCE, noise=noise)
+            ours32 = to_unit_images(ae32.decode(latent.to(device))).cpu()
+        theirs_image = pipe32(
+            prompt_embeds=txt.float(), pooled_prompt_embeds=y.float(), latents=pack(noise).to(device), height=size,
+            width=size, num_inference_steps=4, guidance_scale=GUIDANCE, output_type="pt", return_dict=False,
+        )[0].permute(0, 2, 3, 1).float().cpu()  # fmt: skip
+        diff = (ours32 - theirs_image).abs()
+        report["parity_f32"] = {"steps": 4, "max_abs_image_diff": diff.max().item(), "mean_abs_image_diff": diff.mean().item()}
+        print(f"parity-f32 (4 steps): images differ by max {diff.max().item():.2e}, mean {diff.mean().item():.2e}")
+        del model32, ae32, theirs32, vae_state, pipe32
+        gc.collect()
+    if "ours-compiled" in phases:
+        model.compile_blocks(backend=args.compile_backend)
+    phase("ours-compiled", run_ours(model), compiled=True, own=(model, ae))
+    if "diffusers-compiled" in phases:
+        compile_blocks = getattr(theirs, "compile_repeated_blocks", theirs.compile)
+        compile_blocks(backend=args.compile_backend)
     phase("diffusers-compiled", run_diffusers, compiled=True, own=(theirs, vae))
-    if not {"ours-fp8", "ours-fp8-compiled"} & set(phases):
+    if not any(name.startswith("ours-fp8") for name in phases):
         return
     del pipe, theirs, vae  # the shared weights stay with `model` until the fp8 copy exists
     torch._dynamo.reset()
     fp8_model = fp8_copy_of(model)
     del model
     phase("ours-fp8", run_ours(fp8_model), compiled=False, own=(fp8_model, ae))
-    compiled_fp8 = torch.compile(fp8_model, backend=args.compile_backend)
-    phase("ours-fp8-compiled", run_ours(compiled_fp8), compiled=True, own=(fp8_model, ae))
+    if "ours-fp8-compiled" in phases:
+        fp8_model.compile_blocks(backend=args.compile_backend)
+    phase("ours-fp8-compiled", run_ours(fp8_model), compiled=True, own=(fp8_model, ae))
+    torch._dynamo.reset()
+    fast_model = fp8_copy_of(fp8_model)  # fresh, uncompiled blocks
+    del fp8_model
+    enable_fp8_matmul(fast_model)
+    phase("ours-fp8-fast", run_ours(fast_model), compiled=False, own=(fast_model, ae))
+    if "ours-fp8-fast-compiled" in phases:
+        fast_model.compile_blocks(backend=args.compile_backend)
+    phase("ours-fp8-fast-compiled", run_ours(fast_model), compiled=True, own=(fast_model, ae))
 
     done = report["phases"]
     if not args.tiny and {"ours", "diffusers", "ours-compiled"} <= set(done):

@@ -4,13 +4,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .math import apply_rope, attention, island_dtype, rope
-from .ops import Linear, linear
+from .ops import Linear
 
 LN_EPS = 1e-6
 
 
 class EmbedND(nn.Module):
-    """(B, L, n_axes) position ids -> (B, L, 1, head_dim/2) complex RoPE rotations, one band per axis."""
+    """(B, L, n_axes) position ids -> (B, L, 1, head_dim/2, 2) RoPE rotations (cos, sin), one band per axis."""
 
     def __init__(self, theta: int, axes_dim: list[int]):
         super().__init__()
@@ -18,7 +18,7 @@ class EmbedND(nn.Module):
 
     def forward(self, ids: Tensor) -> Tensor:
         bands = [rope(ids[..., i], d, self.theta) for i, d in enumerate(self.axes_dim)]
-        return torch.cat(bands, dim=-1).unsqueeze(2)  # broadcast over heads
+        return torch.cat(bands, dim=-2).unsqueeze(2)  # broadcast over heads
 
 
 class MLPEmbedder(nn.Module):
@@ -103,7 +103,7 @@ class GeluMLP(nn.Sequential):
 
     def forward(self, x: Tensor) -> Tensor:
         up, _, down = self
-        return down(linear(x, *up.weights_in(x.dtype), gelu=True))
+        return down(up(x, gelu=True))
 
 
 class DoubleStreamBlock(nn.Module):
@@ -157,13 +157,12 @@ class SingleStreamBlock(nn.Module):
     def forward(self, x: Tensor, silu_vec: Tensor, pe: Tensor) -> Tensor:
         shift, scale, gate = self.modulation(silu_vec)
         x_mod = modulate(x, shift, scale)
-        weight, bias = self.linear1.weights_in(x_mod.dtype)
         # linear1 as two GEMMs over its [qkv | mlp] row blocks: two contiguous outputs instead of one (L, 3H + M)
         # buffer (measured faster on CPU, where that buffer is large enough to be page-faulted in on every call)
-        qkv = linear(x_mod, weight[self.qkv_rows], bias[self.qkv_rows])
-        mlp = linear(x_mod, weight[self.mlp_rows], bias[self.mlp_rows], gelu=True)
+        qkv = self.linear1(x_mod, rows=self.qkv_rows)
+        mlp = self.linear1(x_mod, gelu=True, rows=self.mlp_rows)
         attn = attend(qkv, self.num_heads, self.norm.query_norm.scale, self.norm.key_norm.scale, pe)
-        out = self.linear2(torch.cat((attn, mlp), dim=2))
+        out = self.linear2.forward_concat((attn, mlp))
         return torch.addcmul(x, gate, out)
 
 

@@ -26,24 +26,31 @@ def timestep_embedding(t: Tensor, dim: int = 256, max_period: int = 10_000, time
 
 
 def rope(pos: Tensor, dim: int, theta: int) -> Tensor:
-    """(..., L) positions -> (..., L, dim/2) rotations e^{i pos w_j}, w_j = theta^(-2j/dim), as complex numbers.
+    """(..., L) positions -> (..., L, dim/2, 2) rotations (cos, sin) of angle pos * w_j, w_j = theta^(-2j/dim).
 
     The reference's 2x2 matrices [[cos, -sin], [sin, cos]] acting on (x[2j], x[2j+1]) are exactly multiplication
-    by cos + i sin of x[2j] + i x[2j+1]. Angles in float64; complex64 unless the positions are float64.
+    by cos + i sin of x[2j] + i x[2j+1]; stored as real pairs, so the same tensor serves complex and real
+    arithmetic. Angles in float64; float32 unless the positions are float64.
     """
     omega = theta ** -(torch.arange(0, dim, 2, dtype=torch.float64, device=pos.device) / dim)  # (dim/2,)
     angles = pos.to(torch.float64)[..., None] * omega
-    rotations = torch.polar(torch.ones_like(angles), angles)
-    return rotations if pos.dtype == torch.float64 else rotations.to(torch.complex64)
+    rotations = torch.stack((angles.cos(), angles.sin()), dim=-1)
+    return rotations if pos.dtype == torch.float64 else rotations.float()
 
 
 def apply_rope(x: Tensor, pe: Tensor) -> Tensor:
-    """Rotate the adjacent pairs (x[2j], x[2j+1]) of x (..., D) by pe (broadcastable to (..., D/2), complex).
+    """Rotate the adjacent pairs (x[2j], x[2j+1]) of x (..., D) by pe (broadcastable to (..., D/2, 2), cos | sin).
 
     Computed in float32 (float64 for a float64 x) and returned so: the caller casts once where it needs to.
+    Eager runs one complex multiply (the fewest passes); compiled code takes the real form, which Inductor fuses
+    with the QK norm before it and the cast after it (it generates no kernels for complex numbers).
     """
-    pairs = torch.view_as_complex(x.to(island_dtype(x.dtype)).unflatten(-1, (-1, 2)).contiguous())
-    return torch.view_as_real(pairs * pe).flatten(-2)
+    pairs = x.to(island_dtype(x.dtype)).unflatten(-1, (-1, 2))  # (..., D/2, 2)
+    if torch.compiler.is_compiling():
+        (x0, x1), (cos, sin) = pairs.unbind(-1), pe.unbind(-1)
+        return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2)
+    rotated = torch.view_as_complex(pairs.contiguous()) * torch.view_as_complex(pe)
+    return torch.view_as_real(rotated).flatten(-2)
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:

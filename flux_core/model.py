@@ -110,6 +110,14 @@ class Flux(nn.Module):
         )
         self.final_layer = LastLayer(p.hidden_size, p.out_channels)
 
+    def compile_blocks(self, **compile_kwargs) -> "Flux":
+        """torch.compile each transformer block in place (regional compilation). The 19 double and 38 single
+        blocks share two compiled graphs, so compiling takes seconds where the whole model takes minutes; the
+        blocks hold all but a sliver of the work. Returns self."""
+        for block in (*self.double_blocks, *self.single_blocks):
+            block.compile(**compile_kwargs)
+        return self
+
     @property
     def compute_dtype(self) -> torch.dtype:
         """Biases are never stored in fp8, so they carry the dtype the model computes in."""
@@ -139,7 +147,7 @@ class Flux(nn.Module):
         if txt_ids.shape[0] != img_ids.shape[0]:
             txt_ids, img_ids = txt_ids.expand(img.shape[0], -1, -1), img_ids.expand(img.shape[0], -1, -1)
         ids = torch.cat((txt_ids, img_ids), dim=1)  # text first, as the tokens
-        pe = self.pe_embedder(ids.to(island_dtype(dtype)))  # (B, Lt + Li, 1, head_dim/2) complex
+        pe = self.pe_embedder(ids.to(island_dtype(dtype)))  # (B, Lt + Li, 1, head_dim/2, 2) cos | sin
         for block in self.double_blocks:
             img, txt = block(img, txt, silu_vec, pe)
         x = torch.cat((txt, img), dim=1)

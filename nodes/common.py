@@ -20,6 +20,7 @@ WEIGHT_DTYPES = {
     "fp16": torch.float16,
     "fp32": torch.float32,
     "fp8_e4m3fn": torch.float8_e4m3fn,
+    "fp8_e4m3fn_fast": torch.float8_e4m3fn,  # and fp8 matmuls (load_flux's fp8_matmul)
     "fp8_e5m2": torch.float8_e5m2,
 }
 

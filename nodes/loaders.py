@@ -29,7 +29,9 @@ class FluxKitModelLoader:
                 "weight_dtype": (list(WEIGHT_DTYPES), {
                     "default": "default",
                     "tooltip": "How weights are kept in memory. default: as stored (bf16 on GPU, fp32 on CPU for "
-                    "full-precision files); fp8 halves memory and is upcast layer by layer while computing.",
+                    "full-precision files); fp8 halves memory and is upcast layer by layer while computing; "
+                    "fp8_e4m3fn_fast also multiplies in fp8 (about 2x faster on RTX 40xx / H100 and newer GPUs, "
+                    "slightly lower quality).",
                 }),
             },
             "optional": {
@@ -52,7 +54,7 @@ class FluxKitModelLoader:
         key = ("flux", file_fingerprint(path), weight_dtype, preset, str(device))
         model = LOADED.get(key, lambda: load_flux(
             path, dtype=compute_dtype(device, storage), weight_dtype=storage,
-            preset=None if preset == "auto" else preset, device=device,
+            preset=None if preset == "auto" else preset, device=device, fp8_matmul=weight_dtype == "fp8_e4m3fn_fast",
         ))  # fmt: skip
         return (model,)
 

@@ -21,6 +21,7 @@ from tiny_flux import (
 from flux_core.checkpoint import CheckpointError, read_header
 from flux_core.loading import describe, infer_flux_params, load_flux, match_preset
 from flux_core.model import PRESETS, Flux
+from flux_core.ops import Linear
 
 FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 
@@ -134,6 +135,32 @@ def test_weight_dtype_casts_to_fp8_on_load_or_dequantises(tmp_path):
     assert all(torch.equal(full.state_dict()[k], v) for k, v in expected.items())
     with pytest.raises(ValueError, match="compute dtype .* for fp8 storage pass weight_dtype"):
         load_flux(path, dtype=torch.float8_e4m3fn)
+
+
+def test_fp8_matmul_quantises_activations_per_token(tmp_path):
+    params = small()
+    path = tmp_path / "flux_fp8.safetensors"
+    write_flux_fp8(path, params, scaled="scale_weight")
+    upcast = load_flux(path, dtype=torch.bfloat16)
+    fast = load_flux(path, dtype=torch.bfloat16, fp8_matmul=True)
+    layers = [m for m in fast.modules() if isinstance(m, Linear)]
+    assert all(m.fp8_matmul for m in layers) and "fp8 matmuls" in fast.description
+    # One layer against the formula: x rounded to fp8 after scaling each row to the format's max (448).
+    layer = fast.double_blocks[0].img_mlp[0]
+    x = torch.randn(2, 7, layer.in_features, dtype=torch.bfloat16)
+    scale = x.float().abs().amax(-1, keepdim=True) / 448
+    x8 = (x.float() / scale).to(torch.float8_e4m3fn).float() * scale
+    w = layer.weight.float() * layer.weight_scale
+    expected = torch.nn.functional.gelu(x8 @ w.T + layer.bias.float(), approximate="tanh")
+    with torch.inference_mode():
+        actual = layer(x, gelu=True)
+    torch.testing.assert_close(actual.float(), expected, rtol=0.02, atol=0.02 * expected.abs().max().item())
+    # The whole model: 8-bit activations move the output a little, not a lot.
+    reference, quantised = output(upcast).float(), output(fast).float()
+    relative = ((quantised - reference).norm() / reference.norm()).item()
+    assert 1e-4 < relative < 0.1
+    with pytest.raises(ValueError, match="fp8_matmul needs float8_e4m3fn weights"):
+        load_flux(tmp_path / "flux_fp8.safetensors", dtype=torch.bfloat16, weight_dtype=torch.bfloat16, fp8_matmul=True)
 
 
 @pytest.mark.parametrize(

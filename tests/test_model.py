@@ -162,11 +162,33 @@ def test_rope_rotates_adjacent_pairs_per_axis():
     assert apply_rope(x.to(torch.bfloat16), rope(pos.float(), dim, theta)[:, :, None]).dtype == torch.float32
     # Each axis has its own band of the head dim, with frequencies restarting at j = 0.
     ids = torch.tensor([[[3.0, 5.0, 11.0]]])
-    bands = EmbedND(theta, [16, 56, 56])(ids)[0, 0, 0]  # (64,) complex
+    bands = EmbedND(theta, [16, 56, 56])(ids)[0, 0, 0]  # (64, 2) cos | sin
     for start, size, axis in ((0, 8, 0), (8, 28, 1), (36, 28, 2)):
         expected = ids[0, 0, axis] * theta ** (-torch.arange(0, 2 * size, 2, dtype=torch.float64) / (2 * size))
-        torch.testing.assert_close(bands[start : start + size].imag.double(), expected.sin(), rtol=0, atol=1e-6)
-        torch.testing.assert_close(bands[start : start + size].real.double(), expected.cos(), rtol=0, atol=1e-6)
+        torch.testing.assert_close(bands[start : start + size, 1].double(), expected.sin(), rtol=0, atol=1e-6)
+        torch.testing.assert_close(bands[start : start + size, 0].double(), expected.cos(), rtol=0, atol=1e-6)
+
+
+def test_compiled_rope_takes_the_real_form_with_the_same_result(monkeypatch):
+    pos = torch.rand(2, 6) * 50
+    x = torch.randn(2, 6, 3, 16)
+    pe = rope(pos, 16, 10_000)[:, :, None]
+    eager = apply_rope(x, pe)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    torch.testing.assert_close(apply_rope(x, pe), eager, rtol=0, atol=1e-6)
+
+
+def test_compile_blocks_compiles_each_block_kind_once_without_graph_breaks():
+    torch._dynamo.reset()
+    params = tiny_params()
+    model = Flux(params).eval()
+    x = tiny_inputs(params)
+    with torch.inference_mode():
+        eager = model(**x)
+        compiled = model.compile_blocks(backend="aot_eager", fullgraph=True)(**x)  # fullgraph: a break raises
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2  # one double, one single block graph
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=1e-5 * eager.abs().max().item())
+    torch._dynamo.reset()
 
 
 def test_timestep_embedding_is_cos_first_and_scaled_by_1000():

@@ -1,0 +1,78 @@
+"""The CUDA-only paths (fused RMSNorm, GELU in the GEMM epilogue, split linear2, fp8 matmuls, compiled blocks)
+against the plain math they replace. Skipped without a GPU: run on one with `python -m pytest tests/test_cuda.py`."""
+import pytest
+import torch
+import torch.nn.functional as F
+from tiny_flux import tiny_inputs, tiny_params
+
+from flux_core.layers import rms_norm
+from flux_core.model import Flux
+from flux_core.ops import Linear, enable_fp8_matmul, fp8_linear, linear
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+CUDA = "cuda"
+
+
+def relative_error(actual, expected) -> float:
+    return ((actual.double() - expected.double()).norm() / expected.double().norm()).item()
+
+
+def test_fused_rms_norm_matches_the_float32_formula():
+    x = torch.randn(2, 300, 4, 128, device=CUDA).bfloat16()
+    scale = (1 + 0.3 * torch.randn(128, device=CUDA)).bfloat16()
+    expected = x.double() * torch.rsqrt(x.double().square().mean(-1, keepdim=True) + 1e-6) * scale.double()
+    assert relative_error(rms_norm(x[:, :, 1:3], scale), expected[:, :, 1:3]) < 8e-3  # strided input as in attend
+    assert relative_error(rms_norm(x.cpu(), scale.cpu()), expected.cpu()) < 1e-6  # the CPU keeps float32
+
+
+def test_gelu_epilogue_is_the_tanh_gelu():
+    # float32 (no TF32) tells the two GELUs apart (1.8e-4 here); bfloat16 checks the half-precision epilogue
+    x, w, b = (torch.randn(*s, device=CUDA) for s in ((3, 77, 256), (512, 256), (512,)))
+    w = w / 16
+    pre = F.linear(x.double(), w.double(), b.double())
+    tanh, erf = F.gelu(pre, approximate="tanh"), F.gelu(pre)
+    with torch.inference_mode():
+        assert relative_error(linear(x, w, b, gelu=True), tanh) < 2e-5 < relative_error(erf, tanh)
+        assert relative_error(linear(x.bfloat16(), w.bfloat16(), b.bfloat16(), gelu=True), tanh) < 8e-3
+
+
+def test_forward_concat_accumulates_the_parts():
+    layer = Linear(96 + 160, 64).to(CUDA, torch.bfloat16)
+    parts = (torch.randn(2, 50, 96, device=CUDA).bfloat16(), torch.randn(2, 50, 160, device=CUDA).bfloat16())
+    expected = F.linear(torch.cat(parts, -1).double(), layer.weight.double(), layer.bias.double())
+    with torch.inference_mode():
+        assert relative_error(layer.forward_concat(parts), expected) < 8e-3
+
+
+def test_fp8_linear_on_the_gpu_matches_the_cpu():
+    x = torch.randn(5, 33, 256).bfloat16()
+    w = (torch.randn(128, 256) / 16).to(torch.float8_e4m3fn)
+    b = torch.randn(128).bfloat16()
+    scale = torch.tensor(0.7)
+    on_cpu = fp8_linear(x, w, scale, b, gelu=True)
+    on_gpu = fp8_linear(x.to(CUDA), w.to(CUDA), scale.to(CUDA), b.to(CUDA), gelu=True)
+    assert relative_error(on_gpu.cpu(), on_cpu) < 8e-3
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_model_on_gpu_eager_and_compiled_tracks_the_float32_cpu_model(fp8):
+    torch._dynamo.reset()
+    params = tiny_params()
+    model = Flux(params).eval()
+    x = tiny_inputs(params, batch=2)
+    with torch.inference_mode():
+        expected = model(**x).double()
+        gpu = model.to(CUDA, torch.bfloat16)
+        if fp8:
+            for m in gpu.modules():
+                if isinstance(m, Linear):
+                    m.weight.data = m.weight.data.to(torch.float8_e4m3fn)
+            assert enable_fp8_matmul(gpu) > 0
+        x_gpu = {k: v.to(CUDA) if v is not None else None for k, v in x.items()}
+        eager = gpu(**x_gpu).cpu()
+        compiled = gpu.compile_blocks(fullgraph=True)(**x_gpu).cpu()
+    bound = 0.1 if fp8 else 0.02
+    assert relative_error(eager, expected) < bound
+    assert relative_error(compiled, expected) < bound
+    assert relative_error(compiled, eager) < bound / 2
+    torch._dynamo.reset()
