@@ -1,11 +1,12 @@
-"""The CUDA-only paths (fused RMSNorm, GELU in the GEMM epilogue, split linear2, fp8 matmuls, compiled blocks)
-against the plain math they replace. Skipped without a GPU: run on one with `python -m pytest tests/test_cuda.py`."""
+"""The CUDA-only paths (GELU in the GEMM epilogue, split linear2, fp8 matmuls, compiled blocks, the channels-last
+AE) against the plain math they replace. Skipped without a GPU: run on one with `python -m pytest tests/test_cuda.py`."""
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_ae import random_ae_weights, tiny_ae_params
 from tiny_flux import tiny_inputs, tiny_params
 
-from flux_core.layers import rms_norm
+from flux_core.autoencoder import AutoEncoder
 from flux_core.model import Flux
 from flux_core.ops import Linear, enable_fp8_matmul, fp8_linear, linear
 
@@ -15,14 +16,6 @@ CUDA = "cuda"
 
 def relative_error(actual, expected) -> float:
     return ((actual.double() - expected.double()).norm() / expected.double().norm()).item()
-
-
-def test_fused_rms_norm_matches_the_float32_formula():
-    x = torch.randn(2, 300, 4, 128, device=CUDA).bfloat16()
-    scale = (1 + 0.3 * torch.randn(128, device=CUDA)).bfloat16()
-    expected = x.double() * torch.rsqrt(x.double().square().mean(-1, keepdim=True) + 1e-6) * scale.double()
-    assert relative_error(rms_norm(x[:, :, 1:3], scale), expected[:, :, 1:3]) < 8e-3  # strided input as in attend
-    assert relative_error(rms_norm(x.cpu(), scale.cpu()), expected.cpu()) < 1e-6  # the CPU keeps float32
 
 
 def test_gelu_epilogue_is_the_tanh_gelu():
@@ -78,3 +71,18 @@ def test_model_on_gpu_eager_and_compiled_tracks_the_float32_cpu_model(fp8):
     assert relative_error(compiled, expected) < bound
     assert relative_error(compiled, eager) < bound / 2
     torch._dynamo.reset()
+
+
+def test_autoencoder_on_gpu_runs_channels_last_and_tracks_the_float32_cpu_one():
+    params = tiny_ae_params()
+    ae = AutoEncoder(params).eval()
+    ae.load_state_dict(random_ae_weights(params))
+    image = torch.rand(1, 3, 96, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.inference_mode():
+        latent = ae.encode(image)
+        decoded = ae.decode(latent)
+        gpu = ae.to(CUDA, torch.bfloat16)
+        gpu_latent, gpu_decoded = gpu.encode(image), gpu.decode(latent)
+    assert gpu_decoded.is_contiguous(memory_format=torch.channels_last)
+    assert relative_error(gpu_latent.cpu(), latent) < 0.02
+    assert relative_error(gpu_decoded.cpu(), decoded) < 0.02
