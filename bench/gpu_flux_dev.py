@@ -3,8 +3,9 @@
 A flux-dev-shaped transformer (3072 wide, 19 + 38 blocks, guidance) and the full AE are built on the meta device and
 filled with random bf16 values on the GPU (no download); diffusers' FluxTransformer2DModel and AutoencoderKL get
 the same values through diffusers' own converters (assigned, no init; the JSON says what fraction shares our storage:
-its q/k/v splits come back as copies). peak_own_gb = peak - resident + the phase's own transformer + AE bytes (sampling_peak_own_gb: the same up to the last step, before the decode). Random text embeddings
-(512 T5 tokens, pooled 768) stand in for the encoders: encode is excluded, decode included. Each phase prints the
+its q/k/v splits come back as copies). peak_own_gb = peak - resident + the phase's own transformer + AE bytes;
+sampling_peak_own_gb the same up to the last step, before the decode. Random text embeddings (512 T5 tokens,
+pooled 768) stand in for the encoders: encode is excluded, decode included. Each phase prints the
 median ms per step (CUDA events between step callbacks), the median end-to-end seconds and the peak GPU memory
 (everything resident counts: weights, both AEs, embeddings). Phases: eager and torch.compile (transformer only,
 default mode, warm-up timed apart; ours per block with Flux.compile_blocks, diffusers' with its

@@ -119,6 +119,14 @@ def test_core_sd3_empty_latent_is_accepted(pack, models):
     assert out["samples"].shape == (2, 16, 4, 4)
 
 
+def test_fp8_fast_weight_dtype_keeps_fp8_and_turns_on_fp8_matmuls(pack, models):
+    (model,) = node(pack, "FluxKitModelLoader").load("flux1-dev.safetensors", "fp8_e4m3fn_fast")
+    qkv = model.double_blocks[0].img_attn.qkv
+    assert qkv.weight.dtype == torch.float8_e4m3fn and qkv.fp8_matmul and "fp8 matmuls" in model.description
+    (plain,) = node(pack, "FluxKitModelLoader").load("flux1-dev.safetensors", "fp8_e4m3fn")
+    assert plain is not model and not plain.double_blocks[0].img_attn.qkv.fp8_matmul
+
+
 def test_bad_inputs_through_the_nodes(pack, models, tmp_path):
     with pytest.raises(ValueError, match="VAE.*not a Flux transformer|VAE loader"):
         shutil.copy(models / "vae" / "ae.safetensors", models / "diffusion_models" / "ae_by_mistake.safetensors")
