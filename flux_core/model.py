@@ -1,4 +1,5 @@
 """The Flux rectified-flow transformer (FLUX.1), its parameters and the named presets."""
+import copy
 from dataclasses import dataclass, replace
 
 import torch
@@ -109,6 +110,12 @@ class Flux(nn.Module):
             SingleStreamBlock(p.hidden_size, p.num_heads, p.mlp_ratio) for _ in range(p.depth_single_blocks)
         )
         self.final_layer = LastLayer(p.hidden_size, p.out_channels)
+
+    def twin(self) -> "Flux":
+        """A second module tree holding the very same parameter and buffer tensors (no extra memory), to compile
+        or re-flag without changing this one."""
+        shared = {id(t): t for t in (*self.parameters(), *self.buffers())}
+        return copy.deepcopy(self, memo=shared)
 
     def compile_blocks(self, **compile_kwargs) -> "Flux":
         """torch.compile each transformer block in place (regional compilation). The 19 double and 38 single

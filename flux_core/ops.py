@@ -21,8 +21,14 @@ def needs_grad(*tensors: Tensor | None) -> bool:
 
 
 def onednn_inference(x: Tensor, *params: Tensor | None) -> bool:
-    """Whether oneDNN's CPU kernels can take this call: x86, float32/bfloat16, and no gradient wanted (they have none)."""
-    return x.dtype in _ONEDNN_DTYPES and x.device.type == "cpu" and not needs_grad(x, *params)
+    """Whether oneDNN's CPU kernels can take this call: x86, float32/bfloat16, no gradient wanted (they have none),
+    and not inside torch.compile (Inductor cannot lower these calls; it picks its own CPU kernels)."""
+    return (
+        x.dtype in _ONEDNN_DTYPES
+        and x.device.type == "cpu"
+        and not needs_grad(x, *params)
+        and not torch.compiler.is_compiling()
+    )
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, gelu: bool = False) -> Tensor:

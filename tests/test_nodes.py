@@ -127,6 +127,20 @@ def test_fp8_fast_weight_dtype_keeps_fp8_and_turns_on_fp8_matmuls(pack, models):
     assert plain is not model and not plain.double_blocks[0].img_attn.qkv.fp8_matmul
 
 
+def test_compile_node_outputs_a_compiled_twin_sharing_the_weights(pack, models):
+    (model,) = node(pack, "FluxKitModelLoader").load("flux1-dev.safetensors", "default")
+    (compiled,) = node(pack, "FluxKitCompileModel").compile(model, "inductor")
+    assert compiled is not model and compiled.img_in.weight is model.img_in.weight
+    assert all(b._compiled_call_impl is not None for b in compiled.single_blocks)
+    assert all(b._compiled_call_impl is None for b in model.single_blocks)  # the cached model is untouched
+    positive = [[torch.randn(1, 7, 32), {"pooled_output": torch.randn(1, 64)}]]
+    latent = {"samples": torch.zeros(1, 16, 4, 4)}
+    sampler = node(pack, "FluxKitSampler")
+    (plain,) = sampler.sample(model, positive, latent, 0, 2, 3.5, 1.0, 1.15, 0.5, 1.0)
+    (fast,) = sampler.sample(compiled, positive, latent, 0, 2, 3.5, 1.0, 1.15, 0.5, 1.0)  # compiles (C++ on CPU)
+    torch.testing.assert_close(fast["samples"], plain["samples"], rtol=0, atol=1e-4 * plain["samples"].abs().max().item())
+
+
 def test_bad_inputs_through_the_nodes(pack, models, tmp_path):
     with pytest.raises(ValueError, match="VAE.*not a Flux transformer|VAE loader"):
         shutil.copy(models / "vae" / "ae.safetensors", models / "diffusion_models" / "ae_by_mistake.safetensors")
