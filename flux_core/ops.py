@@ -73,7 +73,7 @@ class Linear(nn.Linear):
 
     A stored fp8 weight is upcast to the input's dtype per call; `weight_scale` (a non-persistent buffer, set by
     the loader for "scaled fp8" files) multiplies the upcast weight. With `fp8_matmul` (see enable_fp8_matmul) a
-    float8_e4m3fn weight instead feeds the fp8 matrix units as it is (`fp8_linear`). With matching dtypes this is
+    float8_e4m3fn weight instead feeds a GPU's fp8 matrix units as it is (`fp8_linear`), for bfloat16 inputs. With matching dtypes this is
     exactly F.linear. `rows` selects output features (a slice of the weight's rows), `gelu` applies GELU (tanh).
     """
 
@@ -87,7 +87,7 @@ class Linear(nn.Linear):
         weight, bias = self.weight, self.bias
         if rows is not None:
             weight, bias = weight[rows], None if bias is None else bias[rows]
-        if self.fp8_matmul and x.dtype == torch.bfloat16 and not needs_grad(x, weight):
+        if self.fp8_matmul and x.is_cuda and x.dtype == torch.bfloat16 and not needs_grad(x, weight):
             return fp8_linear(x, weight, self.weight_scale, None if bias is None else bias.to(x.dtype), gelu)
         return linear(x, *self.upcast(weight, bias, x.dtype), gelu=gelu)
 
@@ -123,7 +123,8 @@ class Linear(nn.Linear):
 
 def enable_fp8_matmul(model: nn.Module) -> int:
     """Switch every Linear of `model` whose weight is stored float8_e4m3fn (and whose sizes the fp8 GEMM takes:
-    multiples of 16) to fp8 matmuls for bfloat16 inputs. ComfyUI's "fp8_e4m3fn_fast". Returns how many."""
+    multiples of 16) to fp8 matmuls for bfloat16 inputs on CUDA (elsewhere they upcast as before). ComfyUI's
+    "fp8_e4m3fn_fast". Returns how many."""
     count = 0
     for module in model.modules():
         if isinstance(module, Linear) and module.weight.dtype == torch.float8_e4m3fn:

@@ -138,7 +138,9 @@ def test_compile_node_outputs_a_compiled_twin_sharing_the_weights(pack, models):
     sampler = node(pack, "FluxKitSampler")
     (plain,) = sampler.sample(model, positive, latent, 0, 2, 3.5, 1.0, 1.15, 0.5, 1.0)
     (fast,) = sampler.sample(compiled, positive, latent, 0, 2, 3.5, 1.0, 1.15, 0.5, 1.0)  # compiles (C++ on CPU)
-    torch.testing.assert_close(fast["samples"], plain["samples"], rtol=0, atol=1e-4 * plain["samples"].abs().max().item())
+    tolerance = 1e-4 if model.compute_dtype == torch.float32 else 3e-2  # bf16 on GPUs: fused kernels round apart
+    atol = tolerance * plain["samples"].abs().max().item()
+    torch.testing.assert_close(fast["samples"], plain["samples"], rtol=0, atol=atol)
 
 
 def test_bad_inputs_through_the_nodes(pack, models, tmp_path):
