@@ -138,54 +138,66 @@ def main() -> None:
         guidance=torch.tensor([3.5], device=device),
     )
 
-    def step():
-        with torch.inference_mode():
-            return model(**inputs)
+    def step_of(flux: Flux):
+        def step():
+            with torch.inference_mode():
+                return flux(**inputs)
 
+        return step
+
+    step = step_of(model)
     reference = step().float()
-    peak = step_peak_gb(step, device)
-    print(f"step eager: {timed_ms(step, device):.1f} ms, peak {peak:.2f} GB above the weights")
+    print(f"step eager: {timed_ms(step, device):.1f} ms, peak {step_peak_gb(step, device):.2f} GB above the weights")
     kernel_split(step, device, out, "eager")
     if not args.skip_compile:
         compiled(model, step, reference, device, out, "compiled")
-    fp8 = fp8_copy_of(model)
-    del model
-    enable_fp8_matmul(fp8)
-    model = fp8  # `step` calls `model`
+    fast_model = fp8_copy_of(model)
+    del model, step
+    enable_fp8_matmul(fast_model)
+    step = step_of(fast_model)
     fast = step().float()
     print(f"step fp8-fast: {timed_ms(step, device):.1f} ms; relative error vs bf16 {relative(fast, reference):.4f}")
     kernel_split(step, device, out, "fp8_fast")
     if not args.skip_compile:
-        compiled(model, step, fast, device, out, "fp8_fast_compiled")
-    del model, fp8
-    ae = build_random(AutoEncoder, AutoEncoderParams.flux(**(dict(ch=32, ch_mult=[1, 2, 2, 2]) if args.tiny else {})), device, dtype, seed=1)
-    latent = torch.randn(1, 16, size // 8, size // 8, device=device, dtype=dtype)
-    if device.type == "cuda":
+        compiled(fast_model, step, fast, device, out, "fp8_fast_compiled")
+    del fast_model, step
+    ae_params = AutoEncoderParams.flux(**(dict(ch=32, ch_mult=[1, 2, 2, 2]) if args.tiny else {}))
+    decode_memory(build_random(AutoEncoder, ae_params, device, dtype, seed=1), size, device)
+
+
+def decode_memory(ae: AutoEncoder, size: int, device: torch.device) -> None:
+    """Decode time and peak memory above what is resident, then (CUDA) the peak of each decoder stage."""
+    latent = torch.randn(1, 16, size // 8, size // 8, device=device, dtype=ae.dtype)
+    cuda = device.type == "cuda"
+    if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-        resident = torch.cuda.memory_allocated()
+    resident = torch.cuda.memory_allocated() if cuda else 0
     with torch.inference_mode():
         ms = timed_ms(lambda: ae.decode(latent), device, repeats=3)
-    peak = (torch.cuda.max_memory_allocated() - resident) / 1e9 if device.type == "cuda" else float("nan")
+    peak = (torch.cuda.max_memory_allocated() - resident) / 1e9 if cuda else float("nan")
     print(f"decode {size} px: {ms:.1f} ms, peak above resident {peak:.2f} GB")
-    if device.type == "cuda":  # which stage holds the peak
-        decoder = ae.decoder
-        stages = [("conv_in", decoder.conv_in), ("mid", decoder.mid)] + [(f"up.{i}", decoder.up[i]) for i in reversed(range(len(decoder.up)))]
-        peaks = []
+    if not cuda:
+        return
+    decoder, peaks = ae.decoder, []
+    stages = [("conv_in", decoder.conv_in), ("mid", decoder.mid)]
+    stages += [(f"up.{i}", decoder.up[i]) for i in reversed(range(len(decoder.up)))]
+    stages += [("norm_out+conv_out", decoder.conv_out)]
 
-        def record(name):
-            def hook(*_):
-                torch.cuda.synchronize()
-                peaks.append(f"{name} {(torch.cuda.max_memory_allocated() - resident) / 1e9:.2f}")
-                torch.cuda.reset_peak_memory_stats()
-            return hook
+    def record(name):
+        def hook(*_):
+            torch.cuda.synchronize()
+            peaks.append(f"{name} {(torch.cuda.max_memory_allocated() - resident) / 1e9:.2f}")
+            torch.cuda.reset_peak_memory_stats()
 
-        for name, module in stages + [("norm_out+conv_out", decoder.conv_out)]:
-            module.register_forward_hook(record(name))
-        torch.cuda.reset_peak_memory_stats()
-        with torch.inference_mode():
-            ae.decode(latent)
-        print("  decode peak GB by stage: " + ", ".join(peaks))
+        return hook
+
+    for name, module in stages:
+        module.register_forward_hook(record(name))
+    torch.cuda.reset_peak_memory_stats()
+    with torch.inference_mode():
+        ae.decode(latent)
+    print("  decode peak GB by stage: " + ", ".join(peaks))
 
 
 def relative(a: torch.Tensor, b: torch.Tensor) -> float:
