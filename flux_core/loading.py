@@ -276,8 +276,7 @@ def load_flux(
     directly, bfloat16 activations quantised per token (GEMMs 1.7x faster on an H200, 8-bit activations; ComfyUI's
     fp8_e4m3fn_fast); elsewhere and in other dtypes they compute as without it. Built on the meta device and
     assigned the memory-mapped tensors: no random init, and no copy where the file already has the wanted dtype.
-    The description of what was found is
-    logged and kept as `model.description`.
+    The description of what was found is logged and kept as `model.description`.
     """
     if dtype in FP8_DTYPES or not dtype.is_floating_point:
         raise ValueError(f"dtype is the compute dtype (float32, bfloat16, float16), got {dtype}; for fp8 storage pass weight_dtype")
