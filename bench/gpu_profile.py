@@ -138,31 +138,31 @@ def main() -> None:
         guidance=torch.tensor([3.5], device=device),
     )
 
-    def step_of(flux: Flux):
-        def step():
-            with torch.inference_mode():
-                return flux(**inputs)
-
-        return step
-
-    step = step_of(model)
-    reference = step().float()
-    print(f"step eager: {timed_ms(step, device):.1f} ms, peak {step_peak_gb(step, device):.2f} GB above the weights")
-    kernel_split(step, device, out, "eager")
-    if not args.skip_compile:
-        compiled(model, step, reference, device, out, "compiled")
+    reference = profile_step(model, inputs, "bf16", device, out, args.skip_compile)
     fast_model = fp8_copy_of(model)
-    del model, step
+    del model
     enable_fp8_matmul(fast_model)
-    step = step_of(fast_model)
-    fast = step().float()
-    print(f"step fp8-fast: {timed_ms(step, device):.1f} ms; relative error vs bf16 {relative(fast, reference):.4f}")
-    kernel_split(step, device, out, "fp8_fast")
-    if not args.skip_compile:
-        compiled(fast_model, step, fast, device, out, "fp8_fast_compiled")
-    del fast_model, step
+    profile_step(fast_model, inputs, "fp8_fast", device, out, args.skip_compile, reference)
+    del fast_model
     ae_params = AutoEncoderParams.flux(**(dict(ch=32, ch_mult=[1, 2, 2, 2]) if args.tiny else {}))
     decode_memory(build_random(AutoEncoder, ae_params, device, dtype, seed=1), size, device)
+
+
+def profile_step(flux: Flux, inputs: dict, label: str, device, out: Path, skip_compile: bool, reference=None):
+    """Time, peak and kernel split of one forward of `flux`, eager then (unless skipped) compiled per block.
+    Returns the eager output; with `reference`, prints the relative error against it."""
+
+    def step():
+        with torch.inference_mode():
+            return flux(**inputs)
+
+    result = step().float()
+    error = "" if reference is None else f"; relative error vs bf16 {relative(result, reference):.4f}"
+    print(f"step {label}: {timed_ms(step, device):.1f} ms, peak {step_peak_gb(step, device):.2f} GB above the weights{error}")
+    kernel_split(step, device, out, label)
+    if not skip_compile:
+        compiled(flux, step, result, device, out, f"{label}_compiled")
+    return result
 
 
 def decode_memory(ae: AutoEncoder, size: int, device: torch.device) -> None:
