@@ -79,7 +79,6 @@ class GroupNorm(nn.GroupNorm):
 def group_norm_by_reductions(x: Tensor, groups: int, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
     """F.group_norm from whole-tensor reductions, statistics and affine in at least float32 as PyTorch's."""
     b, c = x.shape[:2]
-    count = x.numel() // (b * groups)  # elements per group
     if x.ndim == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
         grouped, dims = x.permute(0, 2, 3, 1).unflatten(-1, (groups, -1)), (1, 2, 4)  # (B, H, W, G, C/G) view
     else:
@@ -88,6 +87,7 @@ def group_norm_by_reductions(x: Tensor, groups: int, weight: Tensor, bias: Tenso
         var, mean = torch.var_mean(grouped, dim=dims, correction=0)
     else:  # half precision: reduce in float32 without a float32 copy of x
         mean = grouped.mean(dim=dims, dtype=torch.float32)
+        count = x.numel() // (b * groups)  # elements per group
         mean_square = torch.linalg.vector_norm(grouped, dim=dims, dtype=torch.float32).square() / count
         var = (mean_square - mean.square()).clamp_min(0)
     scale = (torch.rsqrt(var + eps)[:, :, None] * weight.view(groups, -1)).reshape(b, c)  # (B, C)
