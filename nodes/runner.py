@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from . import host, remote, standins
 from .workflow import NodeDefs, ValidationError, WorkflowError, dependency_order, is_link, is_ui, read_workflow
-from .workflow import set_inputs, to_api, validate
+from .workflow import set_inputs, to_api, unwrap, validate
 
 HIDDEN_VALUES = {
     "PROMPT": lambda run, node_id: run.prompt,
@@ -100,7 +100,7 @@ def run_prompt(prompt: dict, defs: NodeDefs, extra_pnginfo: dict | None = None, 
         if bar:
             bar.node(done, node_id, defn.class_type)
         kwargs = {
-            name: run.outputs[value[0]][value[1]] if is_link(value) else [value]
+            name: run.outputs[value[0]][value[1]] if is_link(value) else [unwrap(value)]
             for name, value in node["inputs"].items() if name in defn.inputs
         }  # fmt: skip
         for name, kind in defn.hidden.items():

@@ -6,6 +6,8 @@ Node definitions come from classic-contract node classes (INPUT_TYPES, RETURN_TY
 """
 import inspect
 import json
+import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,6 +16,7 @@ MAX_DEPTH = 64
 MUTED, BYPASSED = 2, 4  # litegraph node modes (0 always, 2 never, 4 bypass)
 VIRTUAL = {"Reroute", "PrimitiveNode", "Note", "MarkdownNote"}  # editor-only nodes, never sent to the server
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+BOOLEAN_WORDS = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
 SEED_NAMES = {"seed", "noise_seed"}  # INT widgets the editor follows with a control_after_generate value
 ANY = {"*", "", None}
 
@@ -210,6 +213,17 @@ def _wrap(value):
     return {"__value__": value} if isinstance(value, list) else value
 
 
+def unwrap(value):
+    """The constant a wrapped array value stands for (other values as they are)."""
+    return value["__value__"] if isinstance(value, dict) and "__value__" in value else value
+
+
+def takes_constants(inp: "Input") -> bool:
+    """Inputs with a widget type (or any type) take constants; the others (MODEL, LATENT...) only links."""
+    kinds = {t.strip() for t in inp.type.split(",")} if isinstance(inp.type, str) else {inp.type}
+    return bool(kinds & (WIDGET_TYPES | ANY))
+
+
 def _links(ui: dict) -> dict:
     """link id -> (origin_id, origin_slot, target_id, target_slot, type), from version 0.4 arrays or schema 1 objects."""
     links = {}
@@ -226,6 +240,23 @@ class _Converter:
     def __init__(self, ui: dict, defs: NodeDefs):
         self.defs, self.links = defs, _links(ui)
         self.nodes = {node.get("id"): node for node in ui["nodes"] if isinstance(node, dict)}
+        subgraphs = (ui.get("definitions") or {}).get("subgraphs") or []
+        self.subgraphs = {g.get("id"): g.get("name") for g in subgraphs if isinstance(g, dict)}
+        self.group_nodes = (ui.get("extra") or {}).get("groupNodes") or {}
+
+    def check_supported(self, node: dict) -> None:
+        """Subgraphs and group nodes are containers the editor flattens when it queues; this converter does not."""
+        class_type, where = node.get("type"), f"node {node.get('id')}"
+        if isinstance(class_type, str) and class_type in self.subgraphs:
+            raise WorkflowError(
+                f"{where} is the subgraph {self.subgraphs[class_type]!r}: the headless runner does not support "
+                "subgraphs yet; in the editor, right-click it, choose Unpack Subgraph, and save the workflow again"
+            )
+        if isinstance(class_type, str) and re.sub(r"^workflow[>/]", "", class_type) in self.group_nodes:
+            raise WorkflowError(
+                f"{where} is the group node {class_type!r}: the headless runner does not support group nodes; in "
+                "the editor, right-click it, choose Convert to nodes, and save the workflow again"
+            )
 
     def widget_values(self, node: dict, defn: NodeDef) -> dict:
         values = node.get("widgets_values")
@@ -268,6 +299,7 @@ class _Converter:
             class_type = node.get("type")
             if class_type in VIRTUAL or node.get("mode") in (MUTED, BYPASSED):
                 continue
+            self.check_supported(node)
             defn = self.defs.get(class_type)
             inputs = self.widget_values(node, defn) if defn is not None else {}
             for inp in node.get("inputs") or []:
@@ -309,24 +341,42 @@ def to_api(ui: dict, defs: NodeDefs) -> dict:
 # ---------------------------------------------------------------------------------------------- --set
 
 
+def _title(node: dict):
+    meta = node.get("_meta")
+    return meta.get("title") if isinstance(meta, dict) else None
+
+
 def _find_node(prompt: dict, ref: str) -> str:
     if ref in prompt:
         return ref
-    matches = [i for i, node in prompt.items() if (node.get("_meta") or {}).get("title") == ref]
+    matches = [i for i, node in prompt.items() if _title(node) == ref]
     if len(matches) == 1:
         return matches[0]
     if matches:
         raise WorkflowError(f"title {ref!r} names nodes {', '.join(matches)}; use the node id")
-    known = ", ".join(f"{i} ({(n.get('_meta') or {}).get('title') or n.get('class_type')})" for i, n in prompt.items())
+    known = ", ".join(f"{i} ({_title(n) or n.get('class_type')})" for i, n in prompt.items())
     raise WorkflowError(f"no node with id or title {ref!r}; nodes: {known}")
 
 
 def _parse_value(raw: str, inp: Input):
-    """Text of --set -> a value: strings stay as typed; numbers, booleans, lists are JSON."""
+    """Text of --set -> a value of the input's declared type; ValueError naming what fits when the text does not."""
     if inp.type == "STRING" or (inp.choices and raw in inp.choices):
         return raw
+    if inp.type == "BOOLEAN":
+        if raw.strip().lower() not in BOOLEAN_WORDS:
+            raise ValueError("true/false, yes/no, on/off or 1/0")
+        return BOOLEAN_WORDS[raw.strip().lower()]
+    if inp.type == "INT":
+        if not re.fullmatch(r"\s*[+-]?\d+\s*", raw):
+            raise ValueError("a whole number")
+        return int(raw)
+    if inp.type == "FLOAT":
+        try:
+            return float(raw)  # NaN and inf parse here and are refused by validation, as in a workflow file
+        except ValueError:
+            raise ValueError("a number") from None
     try:
-        return json.loads(raw)
+        return json.loads(raw)  # COMBO choices that are numbers, "*" inputs
     except ValueError:
         return raw
 
@@ -347,8 +397,17 @@ def set_inputs(prompt: dict, assignments, defs: NodeDefs, ui: dict | None = None
             raise WorkflowError(
                 f"--set {text!r}: node {node_id} ({class_type}) has no input {name!r}; its inputs: {', '.join(defn.inputs)}"
             )
-        value = _parse_value(raw, defn.inputs[name])
-        prompt[node_id].setdefault("inputs", {})[name] = _wrap(value)
+        inp = defn.inputs[name]
+        if not takes_constants(inp):
+            raise WorkflowError(f"--set {text!r}: {name!r} is a {inp.type} input, fed by a link, not a value")
+        try:
+            value = _parse_value(raw, inp)
+        except ValueError as e:
+            raise WorkflowError(f"--set {text!r}: {name!r} is a {inp.type} input; expected {e}, not {raw!r}") from None
+        inputs = prompt[node_id].setdefault("inputs", {})
+        if not isinstance(inputs, dict):
+            raise WorkflowError(f"--set {text!r}: node {node_id}'s inputs are not an object of name: value")
+        inputs[name] = _wrap(value)
         if ui is not None:
             _set_widget(ui, node_id, defn, name, value)
 
@@ -377,11 +436,16 @@ def _check_value(inp: Input, value, check_range: bool):
     """ComfyUI's conversion, then range/list checks, of a constant input: (value, error or None)."""
     converters = {"INT": int, "FLOAT": float, "STRING": str, "BOOLEAN": bool}
     try:
+        if inp.type == "BOOLEAN" and isinstance(value, str):  # bool("false") is True
+            raise ValueError("use true or false, not text")
         value = converters[inp.type](value) if inp.type in converters else value
     except (TypeError, ValueError, OverflowError) as e:
         kind = "invalid_input_type"
         return value, _error(kind, f"Failed to convert an input value to a {inp.type} value", f"{inp.name}, {value}, {e}",
                              inp.name, received_value=value)  # fmt: skip
+    if isinstance(value, float) and not math.isfinite(value):
+        return value, _error("value_not_finite", f"Value {value} is not a finite number", inp.name, inp.name,
+                             received_value=value)  # fmt: skip
     if not check_range:
         return value, None
     if "min" in inp.options and value < inp.options["min"]:
@@ -400,7 +464,7 @@ def _check_value(inp: Input, value, check_range: bool):
 def _custom_validation(defn: NodeDef, inputs: dict, received_types: dict) -> list:
     """Calls the node's VALIDATE_INPUTS with its constant inputs (links as None), as ComfyUI does."""
     spec = inspect.getfullargspec(defn.cls.VALIDATE_INPUTS)
-    wanted = {n: (None if is_link(v) else v) for n, v in inputs.items() if n in spec.args or spec.varkw}
+    wanted = {n: (None if is_link(v) else unwrap(v)) for n, v in inputs.items() if n in spec.args or spec.varkw}
     if "input_types" in spec.args:
         wanted["input_types"] = received_types
     result = defn.cls.VALIDATE_INPUTS(**wanted)
@@ -448,10 +512,13 @@ def _check_node(node_id: str, node: dict, prompt: dict, defs: NodeDefs) -> list:
                 errors.append(_error("return_type_mismatch", "Return type mismatch between linked nodes", details,
                                      name, received_type=received, linked_node=value))  # fmt: skip
             continue
-        if isinstance(value, dict) and "__value__" in value:
-            value = inputs[name] = value["__value__"]
+        if not takes_constants(inp):
+            msg = f"A {inp.type} input needs a link from another node's output, not a constant"
+            errors.append(_error("invalid_input_type", msg, name, name, received_value=value))
+            continue
         # VALIDATE_INPUTS takes over the range and list checks of the inputs it names
-        inputs[name], error = _check_value(inp, value, check_range=name not in claimed)
+        value, error = _check_value(inp, unwrap(value), check_range=name not in claimed)
+        inputs[name] = _wrap(value)  # a list constant stays wrapped: a bare list is a link
         if error:
             errors.append(error)
     if custom is not None and not errors:
@@ -491,7 +558,8 @@ def dependency_order(prompt: dict, node_ids) -> tuple[list, set]:
 def validate(prompt: dict, defs: NodeDefs) -> tuple[dict | None, dict]:
     """ComfyUI's /prompt validation of the whole graph: (error, node_errors), both empty when it may run.
 
-    Constant inputs are normalised in place as ComfyUI does (INT/FLOAT/STRING/BOOLEAN conversion, __value__ unwrap).
+    Constant inputs are normalised in place as ComfyUI does (INT/FLOAT/STRING/BOOLEAN conversion); array constants
+    stay wrapped as {"__value__": [...]} so that no constant is taken for a link (`unwrap` gives the value).
     """
     if not is_api(prompt):
         return _error("invalid_prompt", "The prompt must be an object of node id: {class_type, inputs}"), {}

@@ -3,6 +3,7 @@ are tested elsewhere). test_runner.py and test_remote.py reuse the fakes and the
 import copy
 import importlib
 import json
+import re
 import sys
 import types
 from pathlib import Path
@@ -354,3 +355,108 @@ def test_oversized_deep_and_foreign_json_are_refused(tmp_path):
     ok = tmp_path / "ok.json"
     ok.write_text(json.dumps(sample_ui()))
     assert workflow.read_workflow(ok) == sample_ui()
+
+
+def test_set_parses_by_the_declared_type():
+    class Flags:
+        RETURN_TYPES, FUNCTION = (), "f"
+
+        @classmethod
+        def INPUT_TYPES(cls):
+            return {"required": {"tiled": ("BOOLEAN", {"default": True}), "size": ("INT", {"default": 8}),
+                                 "scale": ("FLOAT", {"default": 1.0}), "mode": (["on", "off"],)}}  # fmt: skip
+
+    d = defs({"Flags": Flags})
+    prompt = {"1": {"class_type": "Flags", "inputs": {}}}
+    words = {"False": False, "false": False, "NO": False, "off": False, "0": False, "true": True, "Yes": True, "ON": True, "1": True}
+    for word, value in words.items():
+        workflow.set_inputs(prompt, [f"1.tiled={word}"], d)
+        assert prompt["1"]["inputs"]["tiled"] is value, word
+    workflow.set_inputs(prompt, ["1.size=-3", "1.scale=2", "1.mode=off"], d)
+    assert prompt["1"]["inputs"] == {"tiled": True, "size": -3, "scale": 2.0, "mode": "off"}
+    for assignment, expected in [("1.tiled=maybe", "expected true/false"), ("1.tiled=2", "expected true/false"),
+                                 ("1.size=2.7", "expected a whole number"), ("1.size=true", "expected a whole number"),
+                                 ("1.scale=true", "expected a number"), ("1.scale=", "expected a number")]:  # fmt: skip
+        with pytest.raises(workflow.WorkflowError, match=f"--set '{re.escape(assignment)}': '.*' is a [A-Z]+ input; {expected}"):
+            workflow.set_inputs(prompt, [assignment], d)
+    assert prompt["1"]["inputs"] == {"tiled": True, "size": -3, "scale": 2.0, "mode": "off"}  # refusals change nothing
+
+
+def test_a_boolean_given_as_text_is_refused_not_taken_as_true():
+    class Switch:
+        RETURN_TYPES, FUNCTION, OUTPUT_NODE = (), "f", True
+
+        @classmethod
+        def INPUT_TYPES(cls):
+            return {"required": {"on": ("BOOLEAN", {"default": True})}}
+
+    _, found = errors_of({"1": {"class_type": "Switch", "inputs": {"on": "false"}}}, defs({"Switch": Switch}))
+    assert found == {("1", "Switch", "invalid_input_type", "on")}
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf"), "NaN", "inf"])
+def test_non_finite_numbers_are_refused(value):
+    prompt = api_prompt()
+    prompt["7"]["inputs"]["cfg"] = value  # within [0, 30] by every comparison NaN makes
+    prompt["8"]["inputs"]["value"] = value  # a FLOAT without a range
+    error, found = errors_of(prompt)
+    assert found == {("7", "Sampler", "value_not_finite", "cfg"), ("8", "Number", "value_not_finite", "value")}
+    lines = workflow.format_errors(*workflow.validate(prompt, defs()))
+    assert any(line.startswith("node 8 (Number) input 'value': Value") and "is not a finite number" in line for line in lines)
+
+
+def test_set_nan_is_refused_by_validation():
+    prompt = api_prompt()
+    workflow.set_inputs(prompt, ["7.cfg=NaN", "8.value=-inf"], defs())
+    _, found = errors_of(prompt)
+    assert found == {("7", "Sampler", "value_not_finite", "cfg"), ("8", "Number", "value_not_finite", "value")}
+
+
+def test_fuzzer_crash_sites_are_workflow_errors():
+    prompt = api_prompt()
+    prompt["7"]["_meta"] = ["not", "an", "object"]  # was AttributeError
+    with pytest.raises(workflow.WorkflowError, match="no node with id or title 'My Sampler'"):
+        workflow.set_inputs(prompt, ["My Sampler.seed=3"], defs())
+    workflow.set_inputs(prompt, ["Number.value=3"], defs())  # titles of the other nodes still work
+    prompt["7"]["inputs"] = None  # was TypeError
+    with pytest.raises(workflow.WorkflowError, match="node 7's inputs are not an object"):
+        workflow.set_inputs(prompt, ["7.seed=3"], defs())
+    with pytest.raises(workflow.WorkflowError, match="'model' is a MODEL input, fed by a link"):  # was KeyError at run
+        workflow.set_inputs(api_prompt(), ['7.model=["99",0]'], defs())
+
+
+@pytest.mark.parametrize("value", [{"__value__": ["99", 0]}, {"__value__": ["8", 3]}, "b.bin"])
+def test_constants_cannot_feed_link_inputs(value):
+    prompt = api_prompt()
+    prompt["7"]["inputs"]["model"] = value  # was KeyError / IndexError at run time, taken for a link
+    _, found = errors_of(prompt)
+    assert found == {("7", "Sampler", "invalid_input_type", "model")}
+
+
+def test_array_constants_stay_constants_after_validation():
+    class Anything:
+        RETURN_TYPES, FUNCTION, OUTPUT_NODE = (), "f", True
+
+        @classmethod
+        def INPUT_TYPES(cls):
+            return {"required": {"x": ("*",), "text": ("STRING", {})}}
+
+    prompt = {"1": {"class_type": "Anything", "inputs": {"x": {"__value__": ["8", 3]}, "text": {"__value__": ["8", 0]}}}}
+    assert workflow.validate(prompt, defs({"Anything": Anything})) == (None, {})
+    assert prompt["1"]["inputs"] == {"x": {"__value__": ["8", 3]}, "text": "['8', 0]"}  # never a bare list: a link
+    assert not workflow.is_link(prompt["1"]["inputs"]["x"]) and workflow.unwrap(prompt["1"]["inputs"]["x"]) == ["8", 3]
+
+
+def test_subgraphs_and_group_nodes_are_named_as_unsupported():
+    ui = sample_ui()
+    ui["definitions"] = {"subgraphs": [{"id": "5f1c0a7e-0000-4000-8000-000000000001", "name": "Upscale", "nodes": [], "links": []}]}
+    ui["nodes"].append(ui_node(16, "5f1c0a7e-0000-4000-8000-000000000001", [("images", "IMAGE", None)]))
+    with pytest.raises(workflow.WorkflowError, match="node 16 is the subgraph 'Upscale': the headless runner does not support subgraphs yet"):
+        workflow.to_api(ui, defs())
+    ui["nodes"][-1]["mode"] = 2  # muted: it is not sent, so it does not matter
+    assert workflow.to_api(ui, defs()) == SAMPLE_API
+    ui = sample_ui()
+    ui["extra"]["groupNodes"] = {"Sampling": {"nodes": [], "links": []}}
+    ui["nodes"].append(ui_node(16, "workflow>Sampling"))
+    with pytest.raises(workflow.WorkflowError, match="node 16 is the group node 'workflow>Sampling'.*Convert to nodes"):
+        workflow.to_api(ui, defs())
