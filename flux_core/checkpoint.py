@@ -1,5 +1,6 @@
 """Reading safetensors files lazily (memory-mapped), telling which model a file holds, loading into meta modules."""
 import json
+import math
 import os
 import struct
 from pathlib import Path
@@ -60,19 +61,50 @@ def read_header(path: str | os.PathLike) -> tuple[dict, int]:
         raise CheckpointError(_not_safetensors(name, head, size, header_len))
     try:
         header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+    except (ValueError, RecursionError) as err:  # bad UTF-8 or JSON, a 5000-digit number, deep nesting
         raise CheckpointError(f"{name} is not a safetensors file (unreadable header: {err})") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{name} is not a safetensors file (header is not a JSON object)")
     header.pop("__metadata__", None)
     data_start = 8 + header_len
-    data_end = max((int(info["data_offsets"][1]) for info in header.values()), default=0)
+    data_end = _check_entries(name, header)
     if data_start + data_end > size:
         raise CheckpointError(
             f"{name} is truncated: its tensors need {data_start + data_end} bytes but the file has {size}. "
             "Download it again."
         )
     return header, data_start
+
+
+def _check_entries(name: str, header: dict) -> int:
+    """Checks each tensor's dtype, shape and byte range, and that the ranges tile the data without overlap or gap
+    (as the safetensors format requires); returns the end of the data. Raises CheckpointError naming the file."""
+
+    def is_count(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+    def damaged(key: str, problem: str) -> CheckpointError:
+        return CheckpointError(f"{name} has a damaged header (tensor {key[:80]!r}: {problem}); download it again")
+
+    ranges = []
+    for key, info in header.items():
+        if not isinstance(info, dict) or not isinstance(info.get("dtype"), str):
+            raise damaged(key, "no dtype")
+        shape, offsets = info.get("shape"), info.get("data_offsets")
+        if not isinstance(shape, list) or not all(map(is_count, shape)):
+            raise damaged(key, f"shape {str(shape)[:80]} is not a list of sizes")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(is_count, offsets))) or offsets[0] > offsets[1]:
+            raise damaged(key, f"data_offsets {str(offsets)[:80]} is not a [begin, end] byte range")
+        dtype, held = _DTYPES.get(info["dtype"]), offsets[1] - offsets[0]
+        if dtype is not None and math.prod(shape) * dtype.itemsize != held:
+            raise damaged(key, f"shape {shape} of {info['dtype']} needs {math.prod(shape) * dtype.itemsize} bytes, not {held}")
+        ranges.append((offsets[0], offsets[1], key))
+    end = 0
+    for begin, stop, key in sorted(ranges):
+        if begin != end:
+            raise damaged(key, "its data overlaps the tensor before it" if begin < end else "a gap before its data")
+        end = stop
+    return end
 
 
 def load_safetensors(path: str | os.PathLike) -> dict[str, Tensor]:
@@ -142,6 +174,15 @@ _SIGNATURES = [
     ("clip_l", "text_model.encoder.layers.0.mlp.fc1.weight"),
     ("t5", "encoder.block.0.layer.0.SelfAttention.q.weight"),
 ]
+# Stable Diffusion files (ComfyUI/A1111 layout), told by a key part each, in order: SDXL and SD2 also hold UNet keys.
+_STABLE_DIFFUSION = [
+    ("sdxl", "conditioner.embedders."),
+    ("sdxl", "label_emb.0.0.weight"),
+    ("sd2", "cond_stage_model.model."),
+    ("sd1", "cond_stage_model.transformer."),
+    ("sd3", "joint_blocks."),
+    ("sd-unet", "input_blocks."),
+]
 KIND_NAMES = {
     "flux": "a Flux transformer (BFL layout)",
     "flux-diffusers": "a Flux transformer (diffusers layout)",
@@ -152,6 +193,11 @@ KIND_NAMES = {
     "lora": "a LoRA",
     "controlnet": "a ControlNet",
     "checkpoint": "an all-in-one checkpoint (model + VAE + text encoders)",
+    "sd1": "a Stable Diffusion 1.x checkpoint",
+    "sd2": "a Stable Diffusion 2.x checkpoint",
+    "sdxl": "a Stable Diffusion XL checkpoint",
+    "sd3": "a Stable Diffusion 3 model",
+    "sd-unet": "a Stable Diffusion UNet",
 }
 KIND_LOADERS = {
     "flux": "the diffusion model loader (models/diffusion_models)",
@@ -162,6 +208,8 @@ KIND_LOADERS = {
     "t5": "the text encoder loader (models/text_encoders)",
     "lora": "a LoRA loader (models/loras)",
     "controlnet": "a ControlNet loader (models/controlnet)",
+    **dict.fromkeys(("sd1", "sd2", "sdxl", "sd3"), "ComfyUI's core Load Checkpoint (FluxKit runs FLUX.1 models only)"),
+    "sd-unet": "ComfyUI's core Load Diffusion Model (FluxKit runs FLUX.1 models only)",
 }
 KNOWN_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "transformer.", "vae.", "first_stage_model.")
 
@@ -169,11 +217,14 @@ KNOWN_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "transformer.", 
 def identify(keys) -> str:
     """Which model a state dict holds: a key of KIND_NAMES, or "unknown"."""
     keys = set(keys)
-    # kohya/peft/BFL/XLabs LoRAs all say "lora" in their key names; LyCORIS uses hada_/lokr_
-    if any("lora" in k.lower() or ".hada_" in k or ".lokr_" in k for k in keys):
+    # kohya/peft/BFL/XLabs LoRAs all say "lora" in their key names; LyCORIS uses hada_/lokr_, full differences .diff
+    if any("lora" in k.lower() or ".hada_" in k or ".lokr_" in k or k.endswith((".diff", ".diff_b")) for k in keys):
         return "lora"
     if any("controlnet_blocks." in k or "input_hint_block." in k for k in keys):
         return "controlnet"
+    for kind, part in _STABLE_DIFFUSION:  # before the VAE signature, which SD checkpoints hold too
+        if any(k.startswith(part) or f".{part}" in k for k in keys):
+            return kind
     for kind, signature in _SIGNATURES:
         if signature in keys or any(k.endswith("." + signature) for k in keys):
             return kind

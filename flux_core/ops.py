@@ -75,6 +75,8 @@ class Linear(nn.Linear):
     the loader for "scaled fp8" files) multiplies the upcast weight. With `fp8_matmul` (see enable_fp8_matmul) a
     float8_e4m3fn weight instead feeds a GPU's fp8 matrix units as it is (`fp8_linear`), for bfloat16 inputs. With matching dtypes this is
     exactly F.linear. `rows` selects output features (a slice of the weight's rows), `gelu` applies GELU (tanh).
+    A low-rank side path (`lora_down` (R, in), `lora_up` (out, R), non-persistent buffers; see flux_core.lora) adds
+    x @ down^T @ up^T to the output before the GELU: a LoRA on a weight that must not be re-rounded (fp8).
     """
 
     fp8_matmul = False
@@ -82,19 +84,28 @@ class Linear(nn.Linear):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.register_buffer("weight_scale", None, persistent=False)
+        self.register_buffer("lora_down", None, persistent=False)
+        self.register_buffer("lora_up", None, persistent=False)
 
     def forward(self, x: Tensor, gelu: bool = False, rows: slice | None = None) -> Tensor:
         weight, bias = self.weight, self.bias
         if rows is not None:
             weight, bias = weight[rows], None if bias is None else bias[rows]
+        fused_gelu = gelu and self.lora_up is None  # a side path joins before the activation
         if self.fp8_matmul and x.is_cuda and x.dtype == torch.bfloat16 and not needs_grad(x, weight):
-            return fp8_linear(x, weight, self.weight_scale, None if bias is None else bias.to(x.dtype), gelu)
-        return linear(x, *self.upcast(weight, bias, x.dtype), gelu=gelu)
+            out = fp8_linear(x, weight, self.weight_scale, None if bias is None else bias.to(x.dtype), fused_gelu)
+        else:
+            out = linear(x, *self.upcast(weight, bias, x.dtype), gelu=fused_gelu)
+        if self.lora_up is None:
+            return out
+        up = self.lora_up if rows is None else self.lora_up[rows]
+        out = out + linear(linear(x, self.lora_down.to(x.dtype)), up.to(x.dtype))  # (..., out): two thin GEMMs
+        return F.gelu(out, approximate="tanh") if gelu else out
 
     def forward_concat(self, parts: tuple[Tensor, ...]) -> Tensor:
         """self(torch.cat(parts, -1)). On CUDA without the concatenated copy: one GEMM per part, each taking its
         columns of the weight and accumulating into one output (oneDNN on the CPU wants a dense weight)."""
-        if not parts[0].is_cuda or self.fp8_matmul or needs_grad(*parts):
+        if not parts[0].is_cuda or self.fp8_matmul or self.lora_up is not None or needs_grad(*parts):
             return self(torch.cat(parts, dim=-1))
         first, *rest = parts
         weight, bias = self.upcast(self.weight, self.bias, first.dtype)
