@@ -9,6 +9,7 @@ from torch import Tensor, nn
 from .layers import DoubleStreamBlock, EmbedND, LastLayer, MLPEmbedder, SingleStreamBlock
 from .math import island_dtype, timestep_embedding
 from .ops import Linear
+from .streaming import block_runner
 
 
 @dataclass
@@ -125,6 +126,10 @@ class Flux(nn.Module):
             block.compile(**compile_kwargs)
         return self
 
+    def blocks(self) -> list[nn.Module]:
+        """The transformer blocks in the order they run: what weight streaming (flux_core.streaming) streams."""
+        return [*self.double_blocks, *self.single_blocks]
+
     @property
     def compute_dtype(self) -> torch.dtype:
         """Biases are never stored in fp8, so they carry the dtype the model computes in."""
@@ -155,11 +160,12 @@ class Flux(nn.Module):
             txt_ids, img_ids = txt_ids.expand(img.shape[0], -1, -1), img_ids.expand(img.shape[0], -1, -1)
         ids = torch.cat((txt_ids, img_ids), dim=1)  # text first, as the tokens
         pe = self.pe_embedder(ids.to(island_dtype(dtype)))  # (B, Lt + Li, 1, head_dim/2, 2) cos | sin
-        for block in self.double_blocks:
-            img, txt = block(img, txt, silu_vec, pe)
+        run = block_runner(self)  # run(i, block, *args): block i's weights streamed in when not resident
+        for i, block in enumerate(self.double_blocks):
+            img, txt = run(i, block, img, txt, silu_vec, pe)
         x = torch.cat((txt, img), dim=1)
-        for block in self.single_blocks:
-            x = block(x, silu_vec, pe)
+        for i, block in enumerate(self.single_blocks, len(self.double_blocks)):
+            x = run(i, block, x, silu_vec, pe)
         return self.final_layer(x[:, txt.shape[1] :], silu_vec)
 
     def _check_inputs(self, img, img_ids, txt, txt_ids, timesteps, y, guidance) -> None:

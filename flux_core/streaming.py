@@ -1,0 +1,361 @@
+"""Weight streaming: run a model whose weights do not all fit on the GPU.
+
+`place(model, device, blocks)` keeps the model's non-block tensors and as many blocks as a VRAM budget allows on
+`device`; every other block lives in pinned CPU memory (one flat buffer per block, pinned once per model) and is
+copied into one of `ahead + 1` preallocated device slots on a side CUDA stream, `ahead` blocks in advance of the
+one computing (cyclically: the last block prefetches the first ones of the next call). Events order it: the compute
+stream waits for a slot's copy, the copy stream waits until the block that last used the slot has run. Slots are
+allocated once, so the caching allocator never sees a streamed copy being freed while a stream still uses it (no
+record_stream needed). A block computes with its own Parameter objects, whose `.data` points into the slot for the
+call and back to the pinned home copy after: compiled blocks see the same tensors (shape, dtype, device) each call.
+
+Anything a block holds streams: parameters and buffers of any dtype (fp8 stays fp8, a scaled-fp8 `weight_scale` goes
+along). Training works: a streamed block runs under a custom autograd function that fetches its weights again for
+the backward pass (recomputing the block, as activation checkpointing does); gradients land on the home tensors.
+On the CPU `device="cpu"` runs the same logic with plain copies, for tests.
+"""
+import weakref
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor, nn
+
+GiB = 1024**3
+_ALIGN = 256  # byte alignment of each tensor inside a block's flat buffer (cuBLAS and fp8 GEMMs want 16)
+# Peak transient memory of one Flux block forward at inference, in units of tokens x hidden x compute-dtype bytes:
+# measured on an H200 (bench/vram.py --measure-activations, bf16, 512 and 1024 px, 512 text tokens).
+ACTIVATION_FACTOR = 16.0
+
+
+def _tensors(module: nn.Module) -> list[tuple[nn.Module, str, Tensor]]:
+    """(owner, name, tensor) for every parameter and buffer below `module`, each distinct tensor once."""
+    seen, out = set(), []
+    for owner in module.modules():
+        for name, tensor in (*owner._parameters.items(), *owner._buffers.items()):
+            if tensor is not None and id(tensor) not in seen:
+                seen.add(id(tensor))
+                out.append((owner, name, tensor))
+    return out
+
+
+def _nbytes(tensors) -> int:
+    return sum(-(-t.nbytes // _ALIGN) * _ALIGN for t in tensors)
+
+
+def free_bytes(device: torch.device) -> int:
+    """Memory a new allocation on `device` can get: the driver's free memory plus the allocator's cached blocks."""
+    if device.type != "cuda":
+        raise ValueError(f"no automatic VRAM budget on {device}: pass budget_bytes")
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+
+
+def activation_bytes(tokens: int, width: int, dtype: torch.dtype, largest_upcast: int = 0) -> int:
+    """Peak transient memory of a transformer block over `tokens` (batch x sequence) of `width` features computing in
+    `dtype` (ACTIVATION_FACTOR measured on a GPU), plus `largest_upcast`: the biggest weight upcast per call (fp8)."""
+    return int(tokens * width * dtype.itemsize * ACTIVATION_FACTOR) + largest_upcast
+
+
+def flux_activation_bytes(model: nn.Module, batch: int, img_tokens: int, txt_tokens: int) -> int:
+    """activation_bytes for a Flux transformer at this batch (x2 with cfg) and sequence."""
+    dtype = model.compute_dtype
+    upcast = max((m.weight.numel() * dtype.itemsize for m in model.modules()
+                  if isinstance(m, nn.Linear) and m.weight.dtype != dtype), default=0)  # fmt: skip
+    return activation_bytes(batch * (img_tokens + txt_tokens), model.params.hidden_size, dtype, upcast)
+
+
+def plan_streamed(block_bytes: list[int], fixed: int, budget: int, ahead: int) -> list[int]:
+    """Indices of the blocks to stream so that `fixed` + resident blocks + `ahead + 1` slots fit `budget` bytes.
+
+    Streams the smallest blocks first (smaller slots; in Flux the single blocks, with more compute per byte to hide
+    a copy behind), spread evenly through the run order so copies overlap the resident blocks' compute."""
+    if fixed + sum(block_bytes) <= budget:
+        return []
+    order = sorted(range(len(block_bytes)), key=lambda i: block_bytes[i])
+    for count in range(1, len(order) + 1):
+        streamed = _spread(order[:count], block_bytes)
+        slot = max(block_bytes[i] for i in streamed)
+        resident = sum(b for i, b in enumerate(block_bytes) if i not in streamed)
+        if fixed + resident + (ahead + 1) * slot <= budget:
+            return sorted(streamed)
+    need = fixed + (ahead + 1) * max(block_bytes)
+    raise ValueError(
+        f"a VRAM budget of {budget / GiB:.2f} GiB is below what streaming needs: {need / GiB:.2f} GiB "
+        f"({ahead + 1} block buffers of {max(block_bytes) / GiB:.2f} GiB and {fixed / GiB:.2f} GiB of layers kept on "
+        "the GPU); free GPU memory, lower the resolution or batch, or raise the budget"
+    )
+
+
+def _spread(chosen: list[int], block_bytes: list[int]) -> set[int]:
+    """`chosen` (the k smallest) with each size's share re-picked evenly among all blocks of that size."""
+    out = set()
+    for size in {block_bytes[i] for i in chosen}:
+        group = [i for i, b in enumerate(block_bytes) if b == size]
+        take = sum(block_bytes[i] == size for i in chosen)
+        out.update(group[int((j + 0.5) * len(group) / take)] for j in range(take))
+    return out
+
+
+class _Block:
+    """One block's tensors (the module's own objects), their home copies and, once streamed, a flat pinned buffer."""
+
+    def __init__(self, tensors: list[Tensor]):
+        self.tensors = tensors
+        self.home = [t.data for t in self.tensors]
+        self.nbytes = _nbytes(self.tensors)
+        self.flat = None  # (nbytes,) uint8 pinned CPU memory holding every tensor, once streamed
+
+    def views(self, flat: Tensor) -> list[Tensor]:
+        out, start = [], 0
+        for t in self.home:
+            out.append(flat[start : start + t.nbytes].view(t.dtype).view(t.shape))
+            start += -(-t.nbytes // _ALIGN) * _ALIGN
+        return out
+
+    def pin(self, pin: bool) -> None:
+        """Copy the tensors into one flat buffer (page-locked when `pin`), which becomes their home."""
+        if self.flat is not None:
+            return
+        flat = torch.empty(self.nbytes, dtype=torch.uint8)
+        self.home = [v.copy_(h) for v, h in zip(self.views(flat), self.home)]
+        if pin:
+            _page_lock(flat)
+        self.flat = flat
+        self.set(self.home)
+
+    def set(self, data: list[Tensor]) -> None:
+        for t, d in zip(self.tensors, data):
+            t.data = d
+
+
+def _page_lock(flat: Tensor) -> None:
+    """Pin `flat` in place (cudaHostRegister: exact size; the pinned allocator would round up to a power of 2)."""
+    cudart = torch.cuda.cudart()
+    if int(cudart.cudaHostRegister(flat.data_ptr(), flat.nbytes, 0)) != 0:
+        raise RuntimeError(f"cudaHostRegister of {flat.nbytes / GiB:.2f} GiB failed: not enough lockable RAM?")
+    weakref.finalize(flat.untyped_storage(), cudart.cudaHostUnregister, flat.data_ptr())
+
+
+class Placement:
+    """Where a model's weights are: the non-block tensors and resident blocks on `device`, the rest streamed.
+    One per model (its pinned buffers are made once); `load` and `unload` move the weights."""
+
+    def __init__(self, model: nn.Module, blocks: list[nn.Module]):
+        self.blocks = [_Block([t for _, _, t in _tensors(b)]) for b in blocks]
+        in_blocks = {id(t) for b in self.blocks for t in b.tensors}
+        self.fixed = _Block([t for _, _, t in _tensors(model) if id(t) not in in_blocks])
+        if any(h.device.type != "cpu" for b in (self.fixed, *self.blocks) for h in b.home):
+            raise ValueError("place() takes a model whose weights are on the CPU (load it with device='cpu')")
+        self.device, self.ahead, self.budget = None, 1, 0
+        self.streamed, self.position, self.resident, self.slots = [], {}, [], []
+
+    def plan(self, budget: int, ahead: int) -> list[int]:
+        return plan_streamed([b.nbytes for b in self.blocks], self.fixed.nbytes, budget, ahead)
+
+    def load(self, device: torch.device, budget: int, ahead: int) -> None:
+        streamed = self.plan(budget, ahead)  # raises before anything moves
+        if self.resident and (device, ahead, streamed) == (self.device, self.ahead, self.streamed):
+            return
+        self.unload()
+        self.device, self.ahead, self.budget, self.cuda = device, ahead, budget, device.type == "cuda"
+        self.streamed, self.position = streamed, {i: k for k, i in enumerate(streamed)}
+        self.resident = [self.fixed] + [b for i, b in enumerate(self.blocks) if i not in self.position]
+        for block in self.resident:
+            block.set([h.to(device) for h in block.home])
+        self.loaded, self.next_slot = {}, 0  # loaded: block index -> slot, fetched and not yet run
+        if not streamed:
+            return
+        for i in streamed:
+            self.blocks[i].pin(self.cuda)
+        size = max(self.blocks[i].nbytes for i in streamed)
+        with torch.inference_mode(False):  # slot views must be usable as Parameter data outside inference mode
+            self.slots = [torch.empty(size, dtype=torch.uint8, device=device) for _ in range(ahead + 1)]
+            self.slot_views = {(i, s): self.blocks[i].views(slot) for i in streamed for s, slot in enumerate(self.slots)}
+        if self.cuda:
+            self.copy_stream = torch.cuda.Stream(device)
+            self.ready = [torch.cuda.Event() for _ in self.slots]  # a slot's copy is done
+            self.released = [torch.cuda.Event() for _ in self.slots]  # the block that last used it has run
+
+    @property
+    def resident_bytes(self) -> int:
+        return sum(b.nbytes for b in self.resident) + sum(s.nbytes for s in self.slots)
+
+    @property
+    def streamed_bytes(self) -> int:
+        """Bytes copied to the device per forward pass."""
+        return sum(self.blocks[i].nbytes for i in self.streamed)
+
+    def describe(self) -> str:
+        n = len(self.blocks)
+        if not self.streamed:
+            return f"all {n} blocks on {self.device} ({self.resident_bytes / GiB:.1f} GiB)"
+        return (
+            f"{n - len(self.streamed)} of {n} blocks on {self.device} ({self.resident_bytes / GiB:.1f} GiB with "
+            f"{len(self.slots)} stream buffers), {len(self.streamed)} streamed from pinned RAM "
+            f"({self.streamed_bytes / GiB:.1f} GiB per pass)"
+        )
+
+    def unload(self) -> None:
+        """Every tensor back to its CPU home; the device memory is released once nothing else holds it."""
+        if self.slots and self.cuda:
+            self.copy_stream.synchronize()
+        for block in (self.fixed, *self.blocks):
+            block.set(block.home)
+        self.streamed, self.position, self.resident, self.slots, self.slot_views = [], {}, [], [], {}
+
+    # --- streaming -----------------------------------------------------------------------------------------------
+
+    def _fetch(self, i: int) -> None:
+        slot = self.next_slot
+        self.next_slot = (slot + 1) % len(self.slots)
+        self.loaded = {b: s for b, s in self.loaded.items() if s != slot}
+        block = self.blocks[i]
+        if self.cuda:
+            with torch.cuda.stream(self.copy_stream):
+                self.copy_stream.wait_event(self.released[slot])
+                self.slots[slot][: block.nbytes].copy_(block.flat, non_blocking=True)
+                self.ready[slot].record(self.copy_stream)
+        else:
+            self.slots[slot][: block.nbytes].copy_(block.flat)
+        self.loaded[i] = slot
+
+    @contextmanager
+    def weights(self, i: int, direction: int = 1):
+        """Block i's tensors on the device for the duration; prefetches the next `ahead` streamed blocks in
+        `direction` (+1 forward, -1 for the backward pass), cyclically."""
+        if i not in self.loaded:
+            self._fetch(i)
+        slot = self.loaded.pop(i)
+        count = len(self.streamed)
+        for step in range(1, min(self.ahead, count - 1) + 1):
+            target = self.streamed[(self.position[i] + direction * step) % count]
+            if target not in self.loaded:
+                self._fetch(target)
+        block = self.blocks[i]
+        if self.cuda:
+            torch.cuda.current_stream(self.device).wait_event(self.ready[slot])
+        block.set(self.slot_views[i, slot])
+        try:
+            yield block.tensors
+        finally:
+            block.set(block.home)
+            if self.cuda:
+                self.released[slot].record(torch.cuda.current_stream(self.device))
+
+    def __call__(self, i: int, block: nn.Module, *args):
+        if i not in self.position:
+            return block(*args)
+        params = [t for t in self.blocks[i].tensors if t.requires_grad]
+        if torch.is_grad_enabled() and (params or any(isinstance(a, Tensor) and a.requires_grad for a in args)):
+            return _StreamedBlock.apply(self, i, block, len(args), *args, *params)
+        with self.weights(i):
+            return block(*args)
+
+
+class _StreamedBlock(torch.autograd.Function):
+    """A streamed block in training: forward without a graph, backward fetches the weights again and recomputes."""
+
+    @staticmethod
+    def forward(ctx, placement, i, block, n_args, *inputs):
+        args = inputs[:n_args]
+        ctx.placement, ctx.i, ctx.block, ctx.n_args = placement, i, block, n_args
+        ctx.save_for_backward(*args)
+        with placement.weights(i):
+            out = block(*args)
+        ctx.single = isinstance(out, Tensor)
+        return out
+
+    @staticmethod
+    def backward(ctx, *grads):
+        args = [a.detach().requires_grad_(a.requires_grad) for a in ctx.saved_tensors]
+        with ctx.placement.weights(ctx.i, direction=-1) as tensors, torch.enable_grad():
+            params = [t for t in tensors if t.requires_grad]
+            out = ctx.block(*args)
+            outs = (out,) if ctx.single else tuple(out)
+            wrt = [a for a in args if a.requires_grad] + params
+            found = iter(torch.autograd.grad(outs, wrt, grads, allow_unused=True))
+            arg_grads = [next(found) if a.requires_grad else None for a in args]
+            # back to where each parameter lives between calls (its CPU home), as the autograd engine expects
+            homes = [h for t, h in zip(tensors, ctx.placement.blocks[ctx.i].home) if t.requires_grad]
+            param_grads = [None if g is None else g.to(h.device) for g, h in zip(found, homes)]
+        return (None, None, None, None, *arg_grads, *param_grads)
+
+
+def _plain(i: int, block: nn.Module, *args):
+    return block(*args)
+
+
+def block_runner(model: nn.Module):
+    """How `model`'s forward should call block i: through its Placement when one streams blocks, else directly."""
+    placement = placement_of(model)
+    return placement if placement is not None and placement.streamed else _plain
+
+
+def placement_of(model: nn.Module) -> Placement | None:
+    """The Placement of `model`'s tensors (shared with its twins, which hold the same tensor objects)."""
+    return getattr(next(model.parameters()), "_fluxkit_placement", None)
+
+
+_PLACED: "weakref.WeakSet[Placement]" = weakref.WeakSet()  # placements with weights on a device
+
+
+def place(
+    model: nn.Module,
+    device: torch.device | str,
+    blocks: list[nn.Module],
+    budget_bytes: int | None = None,
+    activations: int = 0,
+    ahead: int = 1,
+) -> Placement:
+    """Put `model` (weights on the CPU) on `device` within `budget_bytes` (default: the device's free memory minus
+    `activations`, the transient memory the forward pass needs), streaming the `blocks` that do not fit.
+
+    A placement that still fits is kept; other placed models on the device are unloaded first (one model placed per
+    device at a time). Returns the model's Placement (`.describe()` says what went where)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"streaming to {device} needs a CUDA GPU, but this PyTorch sees none (CPU-only build or no driver); "
+                "run on the CPU (device='cpu') or install a CUDA build of PyTorch"
+            )
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+    if ahead < 1:
+        raise ValueError(f"ahead must be >= 1 (blocks prefetched while one computes), got {ahead}")
+    placement = placement_of(model)
+    if placement is None:
+        placement = Placement(model, blocks)
+        next(model.parameters())._fluxkit_placement = placement
+    for other in list(_PLACED):
+        if other is not placement and other.device == device:
+            unload_placement(other)
+    if budget_bytes is None:
+        own = placement.resident_bytes if placement.device == device else 0  # its own memory counts as free
+        budget_bytes = free_bytes(device) + own - activations
+    placement.load(device, budget_bytes, ahead)
+    _PLACED.add(placement)
+    return placement
+
+
+def unload_placement(placement: Placement) -> None:
+    placement.unload()
+    _PLACED.discard(placement)
+
+
+def unload(model: nn.Module) -> None:
+    """`model`'s weights back to the CPU (no-op when it is not placed)."""
+    if (placement := placement_of(model)) is not None:
+        unload_placement(placement)
+
+
+def make_room(device: torch.device | str, nbytes: int) -> bool:
+    """Unload placed models on the CUDA `device` until `nbytes` are free; True when they are."""
+    device = torch.device(device)
+    for placement in list(_PLACED):
+        if free_bytes(device) >= nbytes:
+            break
+        if placement.device.type == device.type:
+            unload_placement(placement)
+    torch.cuda.empty_cache()
+    return free_bytes(device) >= nbytes

@@ -1,0 +1,121 @@
+"""Weight streaming (flux_core.streaming) on the CPU: the same logic as CUDA streaming with plain copies into the
+device slots (`device="cpu"`), so the plan, the prefetch ring, the swaps and the training path are checked here;
+tests/test_cuda.py runs the CUDA streams and pinned memory on a GPU."""
+import pytest
+import torch
+from tiny_flux import tiny_inputs, tiny_params
+
+from flux_core import streaming
+from flux_core.model import Flux
+from flux_core.ops import Linear
+from flux_core.streaming import place, placement_of, plan_streamed, unload
+
+CPU = torch.device("cpu")
+
+
+def tiny_model(seed: int = 0, **overrides) -> Flux:
+    torch.manual_seed(seed)
+    return Flux(tiny_params(**{"depth": 3, "depth_single_blocks": 4, **overrides})).eval()
+
+
+def block_budget(model: Flux, streamed: int) -> int:
+    """The budget that streams the `streamed` smallest blocks: the rest, the non-block layers and two slots."""
+    p = streaming.Placement(model, model.blocks())
+    sizes = sorted(b.nbytes for b in p.blocks)
+    return p.fixed.nbytes + sum(sizes[streamed:]) + 2 * sizes[streamed - 1]
+
+
+def test_plan_streams_the_smallest_blocks_spread_out_and_fits_the_budget():
+    sizes = [10] * 4 + [4] * 8  # Flux's layout: big double blocks first, then single blocks
+    assert plan_streamed(sizes, 5, 5 + sum(sizes), ahead=1) == []
+    streamed = plan_streamed(sizes, 5, 5 + sum(sizes) - 12 + 8, ahead=1)  # 12 bytes short, slots take 8: 3 streamed
+    assert all(sizes[i] == 4 for i in streamed) and len(streamed) == 3
+    assert streamed == sorted(streamed) and streamed[-1] - streamed[0] >= 5  # spread over the single blocks
+    every = plan_streamed(sizes, 5, 5 + 2 * 10, ahead=1)
+    assert every == list(range(12))
+    with pytest.raises(ValueError, match="below what streaming needs.*2 block buffers"):
+        plan_streamed(sizes, 5, 5 + 2 * 10 - 1, ahead=1)
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_streamed_forward_is_bit_exact_with_the_resident_model(fp8):
+    model = tiny_model()
+    if fp8:  # fp8 storage with a per-tensor scale, as scaled fp8 files load
+        for m in model.modules():
+            if isinstance(m, Linear):
+                m.weight.data = m.weight.data.to(torch.float8_e4m3fn)
+                m.set_weight_scale(torch.tensor(0.9))
+    x = tiny_inputs(model.params, batch=2)
+    with torch.inference_mode():
+        expected = model(**x)
+        placement = place(model, CPU, model.blocks(), budget_bytes=block_budget(model, streamed=3))
+        assert len(placement.streamed) == 3 and "streamed" in placement.describe()
+        first, second = model(**x), model(**x)  # the second runs from the cyclic prefetch of the first
+    assert torch.equal(first, expected) and torch.equal(second, expected)
+    streamed = placement.blocks[placement.streamed[0]]
+    assert all(t.data_ptr() == h.data_ptr() for t, h in zip(streamed.tensors, streamed.home))  # back home after use
+    if fp8:
+        assert any(t.dtype == torch.float8_e4m3fn for t in streamed.home) and any(t.ndim == 0 for t in streamed.home)
+    unload(model)
+
+
+def test_placement_is_pinned_once_kept_while_it_fits_and_shared_with_twins():
+    model = tiny_model()
+    budget = block_budget(model, streamed=2)
+    placement = place(model, CPU, model.blocks(), budget_bytes=budget)
+    flats = {i: placement.blocks[i].flat.data_ptr() for i in placement.streamed}
+    assert place(model, CPU, model.blocks(), budget_bytes=budget) is placement
+    twin = model.twin()
+    assert placement_of(twin) is placement
+    place(model, CPU, model.blocks(), budget_bytes=block_budget(model, streamed=6))  # fewer resident: re-planned
+    assert all(placement.blocks[i].flat.data_ptr() == ptr for i, ptr in flats.items())  # no second copy
+    x = tiny_inputs(model.params)
+    with torch.inference_mode():
+        assert torch.equal(twin(**x), model(**x))
+    unload(model)
+    assert not placement.slots and not placement.streamed
+
+
+def test_training_through_streamed_blocks_gives_the_resident_gradients():
+    resident, streamed = tiny_model(), tiny_model()
+    x = tiny_inputs(resident.params, batch=2)
+    x["img"].requires_grad_(True)
+    place(streamed, CPU, streamed.blocks(), budget_bytes=block_budget(streamed, streamed=5))
+    x2 = {k: v.detach().clone().requires_grad_(v.requires_grad) if v is not None else None for k, v in x.items()}
+    for model, inputs in ((resident, x), (streamed, x2)):
+        model.train()
+        (model(**inputs).square().mean()).backward()
+    for (name, a), b in zip(resident.named_parameters(), streamed.parameters()):
+        assert b.grad is not None and b.grad.device == b.device, name
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-7, msg=name)
+    torch.testing.assert_close(x2["img"].grad, x["img"].grad, rtol=1e-5, atol=1e-7)
+    unload(streamed)
+
+
+def test_compiled_blocks_do_not_recompile_per_streamed_call():
+    torch._dynamo.reset()
+    model = tiny_model().compile_blocks(backend="eager")
+    place(model, CPU, model.blocks(), budget_bytes=block_budget(model, streamed=3))
+    x = tiny_inputs(model.params)
+    with torch.inference_mode():
+        expected = model(**x)
+        compiles = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        for _ in range(2):
+            assert torch.equal(model(**x), expected)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == compiles
+    unload(model)
+    torch._dynamo.reset()
+
+
+def test_bad_settings_fail_with_the_fix(monkeypatch):
+    model = tiny_model()
+    with pytest.raises(ValueError, match="below what streaming needs"):
+        place(model, CPU, model.blocks(), budget_bytes=1000)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="needs a CUDA GPU.*device='cpu'"):
+        place(model, "cuda", model.blocks())
+    with pytest.raises(ValueError, match="ahead must be >= 1"):
+        place(model, CPU, model.blocks(), budget_bytes=10**12, ahead=0)
+    with pytest.raises(ValueError, match="no automatic VRAM budget on cpu"):
+        place(model, CPU, model.blocks())
+    assert all(p.device.type == "cpu" for p in model.parameters())
