@@ -226,7 +226,16 @@ def write_keys(path, keys, dtype=torch.float32):
         (["transformer.single_transformer_blocks.0.attn.to_q.lora_A.weight"], "is a LoRA"),
         (["double_blocks.0.processor.qkv_lora1.down.weight"], "is a LoRA"),
         (["controlnet_blocks.0.weight", "transformer_blocks.0.attn.norm_added_k.weight"], "is a ControlNet"),
-        (["model.diffusion_model.input_blocks.0.0.weight"], "is not a model this pack knows"),
+        (["model.diffusion_model.input_blocks.0.0.weight", "first_stage_model.decoder.up.0.block.0.conv1.weight",
+          "cond_stage_model.transformer.text_model.encoder.layers.0.mlp.fc1.weight"],
+         "is a Stable Diffusion 1.x checkpoint, not a Flux transformer. Load it with ComfyUI's core Load Checkpoint"),
+        (["model.diffusion_model.input_blocks.0.0.weight", "first_stage_model.decoder.up.0.block.0.conv1.weight",
+          "cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight"], "is a Stable Diffusion 2.x checkpoint"),
+        (["model.diffusion_model.label_emb.0.0.weight", "first_stage_model.decoder.up.0.block.0.conv1.weight",
+          "conditioner.embedders.0.transformer.text_model.encoder.layers.0.mlp.fc1.weight"], "is a Stable Diffusion XL"),
+        (["model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight"], "is a Stable Diffusion 3 model"),
+        (["input_blocks.0.0.weight", "middle_block.0.in_layers.0.weight"], "is a Stable Diffusion UNet, .* Load Diffusion"),
+        (["model.some_other_net.0.weight"], "is not a model this pack knows"),
     ],
 )  # fmt: skip
 def test_other_model_files_are_named(tmp_path, keys, message):
