@@ -1,0 +1,127 @@
+"""FLUX.1 Tools and Kontext: each mode against diffusers' pipeline with the same weights, noise and schedule, the id
+layout and the mask folding in closed form, and the errors for inputs that do not fit the model."""
+import numpy as np
+import pytest
+import torch
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+
+from flux_core.autoencoder import AutoEncoder
+from flux_core.model import Flux
+from flux_core.pipeline import Conditioning, empty_latent, sample
+from flux_core.sampling import pack
+from flux_core.tools import (
+    ImageCond, fill_cond, fold_mask, image_cond_from_images, kontext_cond, kontext_size, outpaint_pad, output_size,
+    reference_ids,
+)  # fmt: skip
+from tiny_ae import bfl_to_diffusers_vae, diffusers_vae_config, random_ae_weights, tiny_ae_params
+from tiny_flux import bfl_to_diffusers, diffusers_config, random_weights, tiny_params
+
+WIDTH, HEIGHT, STEPS = 64, 48, 3
+
+
+def transformer_pair(in_channels: int):
+    params = tiny_params(in_channels=in_channels)
+    weights = random_weights(params, seed=5)
+    ours = Flux(params).eval()
+    ours.load_state_dict(weights)
+    ref = FluxTransformer2DModel(**{k: v for k, v in diffusers_config(params).items() if not k.startswith("_")})
+    ref.load_state_dict(bfl_to_diffusers(weights))
+    return params, ours, ref.eval()
+
+
+@pytest.fixture(scope="module")
+def ae_pair():
+    params = tiny_ae_params()
+    weights = random_ae_weights(params, seed=2)
+    ours = AutoEncoder(params).eval()
+    ours.load_state_dict(weights)
+    config = {k: v for k, v in diffusers_vae_config(params).items() if not k.startswith("_")}
+    ref = AutoencoderKL(**config)
+    ref.load_state_dict(bfl_to_diffusers_vae(weights, params))
+    return ours, ref.eval()
+
+
+def scheduler():
+    return FlowMatchEulerDiscreteScheduler(
+        base_image_seq_len=256, max_image_seq_len=4096, base_shift=0.5, max_shift=1.15, use_dynamic_shifting=True
+    )
+
+
+def prompt(params, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    txt, y = torch.randn(1, 7, params.context_in_dim, generator=gen), torch.randn(1, params.vec_in_dim, generator=gen)
+    noise = torch.randn(1, 16, HEIGHT // 8, WIDTH // 8, generator=gen)
+    return txt, y, noise
+
+
+def unit_image(height: int, width: int, seed: int) -> torch.Tensor:  # (1, H, W, 3) in [0, 1], 8-bit levels
+    return torch.randint(0, 256, (1, height, width, 3), generator=torch.Generator().manual_seed(seed)) / 255
+
+
+def assert_matches(got: torch.Tensor, expected: torch.Tensor, start: torch.Tensor, tol: float = 5e-5):
+    rel = (got - expected).abs().max() / expected.abs().max()
+    assert rel <= tol, f"relative error {rel:.2e}"
+    assert (got - start).abs().max() > 0.1  # the sampler really moved the latent
+
+
+# -- Kontext --------------------------------------------------------------------------------------------------
+def test_kontext_matches_diffusers(ae_pair):
+    from diffusers import FluxKontextPipeline
+
+    params, ours, ref = transformer_pair(64)
+    ae, vae = ae_pair
+    txt, y, noise = prompt(params)
+    reference = unit_image(32, 80, seed=1)  # another size than the output: its own id grid
+    pipe = FluxKontextPipeline(scheduler(), vae, None, None, None, None, ref)
+    expected = pipe(
+        image=reference.permute(0, 3, 1, 2), prompt_embeds=txt, pooled_prompt_embeds=y, height=HEIGHT, width=WIDTH,
+        num_inference_steps=STEPS, guidance_scale=2.5, latents=pack(noise), output_type="latent",
+        max_area=WIDTH * HEIGHT, _auto_resize=False,
+    ).images  # fmt: skip
+    cond = image_cond_from_images(ae, WIDTH, HEIGHT, reference_images=[reference], kontext_resize=False)
+    got = sample(ours, Conditioning(txt, y), empty_latent(WIDTH, HEIGHT), 0, STEPS, 2.5, noise=noise, image_cond=cond)
+    assert_matches(pack(got), expected, pack(noise))
+    plain = sample(ours, Conditioning(txt, y), empty_latent(WIDTH, HEIGHT), 0, STEPS, 2.5, noise=noise)
+    assert (plain - got).abs().max() > 1e-2  # the reference changes the result
+
+
+def test_reference_ids_closed_form():
+    one = reference_ids([(4, 6)])  # latent 4x6 -> 2x3 tokens at the origin, first axis 1
+    assert one.tolist() == [[[1, r, c] for r in range(2) for c in range(3)]]
+    # a second reference goes below the first when the layout is wider than tall, to the right otherwise
+    two = reference_ids([(4, 6), (2, 2)])[0, 6:]
+    assert two.tolist() == [[1, 2, 0]]
+    tall = reference_ids([(6, 4), (2, 2)])[0, 6:]
+    assert tall.tolist() == [[1, 0, 2]]
+    three = reference_ids([(4, 4), (4, 4), (4, 4)])[0]  # 2x2 tokens each: at (0,0), below at (2,0), right at (0,2)
+    assert {tuple(map(int, t[1:])) for t in three[4:8]} == {(2, 0), (2, 1), (3, 0), (3, 1)}
+    assert {tuple(map(int, t[1:])) for t in three[8:]} == {(0, 2), (0, 3), (1, 2), (1, 3)}
+    assert len({tuple(t.tolist()) for t in three}) == 12  # no two tokens share a position
+
+
+def test_kontext_cond_packs_every_reference():
+    a, b = torch.randn(1, 16, 4, 6), torch.randn(1, 16, 2, 2)
+    cond = kontext_cond([a, b])
+    assert cond.tokens.shape == (1, 7, 64) and cond.token_ids.shape == (1, 7, 3)
+    torch.testing.assert_close(cond.tokens[:, :6], pack(a))
+    assert cond.channels is None
+
+
+def test_kontext_sizes_follow_bfl():
+    assert kontext_size(1000, 1000) == (1024, 1024)
+    assert kontext_size(1920, 1080) == (1392, 752)  # 16:9 -> the closest trained aspect ratio
+    assert kontext_size(600, 1400) == (672, 1568)
+    ref = torch.zeros(1, 1080, 1920, 3)
+    assert output_size(None, None, [ref]) == (1392, 752)  # the output defaults to the resized reference
+    assert output_size(512, None, [ref]) == (512, 752) and output_size(None, None, None) == (1024, 1024)
+
+
+# -- Fill -----------------------------------------------------------------------------------------------------
+def test_mask_folding_closed_form():
+    mask = torch.arange(16 * 24, dtype=torch.float32).reshape(1, 16, 24)  # 2x3 latent cells of 8x8 pixels
+    folded = fold_mask(mask)
+    assert folded.shape == (1, 64, 2, 3)
+    for row, col, dy, dx in [(0, 0, 0, 0), (1, 2, 7, 7), (0, 1, 3, 5), (1, 0, 6, 1)]:
+        assert folded[0, dy * 8 + dx, row, col] == mask[0, row * 8 + dy, col * 8 + dx]
+    cond = fill_cond(torch.zeros(1, 16, 2, 4), torch.ones(1, 16, 32))
+    assert cond.channels.shape == (1, 2, 64 + 256) and cond.channels[..., 64:].eq(1).all()
