@@ -4,6 +4,7 @@ Convention (BFL, ComfyUI, diffusers alike): t = 1 is pure noise, t = 0 is data,
 x_t = (1 - t) * x0 + t * noise, and the model predicts the velocity v = noise - x0.
 """
 import math
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -12,10 +13,27 @@ from einops import rearrange
 from torch import Tensor
 
 LATENT_CHANNELS = 16
+MAX_RESOLUTION = 16384  # largest width/height, ComfyUI's (nodes.MAX_RESOLUTION)
+MAX_BATCH = 4096  # largest batch, ComfyUI's (EmptySD3LatentImage)
 
 
 class SamplingInterrupted(RuntimeError):
     """Raised from a step callback to stop sampling between two steps."""
+
+
+def check_finite(**values: float) -> None:
+    """Refuses NaN and infinities: they pass range checks (every comparison with NaN is False) and sample black."""
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+            raise ValueError(f"{name} must be a finite number, got {value!r}")
+
+
+def check_count(name: str, value: int, minimum: int = 1, maximum: int | None = None) -> None:
+    """A whole number in range (steps, batch, pixels): 0 steps, 2.5 images or True are refused, not rounded."""
+    whole = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if not whole or value < minimum or (maximum is not None and value > maximum):
+        allowed = f"from {minimum} to {maximum}" if maximum is not None else f">= {minimum}"
+        raise ValueError(f"{name} must be a whole number {allowed}, got {value!r}")
 
 
 def time_shift(mu: float, sigma: float, t: Tensor) -> Tensor:
@@ -37,6 +55,9 @@ class FlowMatch:
     base_shift: float = 0.5
     max_shift: float = 1.15
 
+    def __post_init__(self):
+        check_finite(base_shift=self.base_shift, max_shift=self.max_shift)
+
     # -- the convention -----------------------------------------------------------------------------
     @staticmethod
     def noised(x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
@@ -56,8 +77,7 @@ class FlowMatch:
     # -- sampling -----------------------------------------------------------------------------------
     def schedule(self, num_steps: int, seq_len: int) -> list[float]:
         """num_steps + 1 times from 1 to 0, shifted by sequence length when `shift`."""
-        if num_steps < 1:
-            raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+        check_count("num_steps", num_steps)
         ts = torch.linspace(1, 0, num_steps + 1)
         if self.shift:
             ts = time_shift(shift_mu(seq_len, self.base_shift, self.max_shift), 1.0, ts)
@@ -65,7 +85,7 @@ class FlowMatch:
 
     def partial_schedule(self, num_steps: int, seq_len: int, denoise: float) -> list[float]:
         """The last num_steps + 1 times of a schedule stretched to num_steps / denoise steps (as ComfyUI)."""
-        if not 0 < denoise <= 1:
+        if not 0 < denoise <= 1:  # also refuses NaN
             raise ValueError(f"denoise must be in (0, 1], got {denoise}")
         if denoise == 1:
             return self.schedule(num_steps, seq_len)
@@ -114,6 +134,7 @@ class FlowMatch:
 
         With `shift` and a seq_len, the draw goes through the same time shift as the sampling schedule.
         """
+        check_finite(a=a, b=b)
         if distribution == "uniform":
             t = torch.rand(batch, generator=generator)
         elif distribution == "logit_normal":
@@ -163,8 +184,12 @@ def get_schedule(
 
 
 # -- images as token sequences --------------------------------------------------------------------------
-def check_image_size(width: int, height: int) -> None:
-    if width % 16 or height % 16 or width < 16 or height < 16:
+def check_image_size(width: int, height: int, batch: int = 1) -> None:
+    """The one size check of the library and the nodes: 16 to MAX_RESOLUTION pixels a side, multiples of 16."""
+    check_count("image width", width, 16, MAX_RESOLUTION)
+    check_count("image height", height, 16, MAX_RESOLUTION)
+    check_count("batch size", batch, 1, MAX_BATCH)
+    if width % 16 or height % 16:
         raise ValueError(
             f"image size {width}x{height} is not a multiple of 16: Flux latents are 1/8 of the pixels and "
             f"are packed in 2x2 patches. Use e.g. {max(16, round(width / 16) * 16)}x{max(16, round(height / 16) * 16)}."
@@ -188,7 +213,8 @@ def check_latent(latent: Tensor, channels: int = LATENT_CHANNELS) -> None:
 
 def get_noise(batch: int, width: int, height: int, seed: int, channels: int = LATENT_CHANNELS) -> Tensor:
     """(B, C, H/8, W/8) float32 noise made on the CPU, so a seed gives the same image on every device."""
-    check_image_size(width, height)
+    check_image_size(width, height, batch)
+    check_count("seed", seed, 0, 2**64 - 1)
     generator = torch.Generator("cpu").manual_seed(seed)
     return torch.randn(batch, channels, height // 8, width // 8, generator=generator, dtype=torch.float32)
 

@@ -2,11 +2,9 @@
 import torch
 
 from ..flux_core.pipeline import Conditioning, latent_from_raw, latent_to_raw, sample
-from ..flux_core.sampling import FlowMatch, check_image_size, check_latent
+from ..flux_core.sampling import MAX_BATCH, MAX_RESOLUTION, FlowMatch, check_image_size, check_latent
 from . import host
 from .common import CATEGORY, MODEL, TEXT_ENCODERS
-
-MAX_RESOLUTION = 16384
 
 
 class FluxKitTextEncode:
@@ -53,12 +51,21 @@ class FluxKitEmptyLatent:
             "required": {
                 "width": ("INT", {**size, "tooltip": "Image width in pixels, a multiple of 16."}),
                 "height": ("INT", {**size, "tooltip": "Image height in pixels, a multiple of 16."}),
-                "batch_size": ("INT", {"default": 1, "min": 1, "max": 4096, "tooltip": "Images per run."}),
+                "batch_size": ("INT", {"default": 1, "min": 1, "max": MAX_BATCH, "tooltip": "Images per run."}),
             }
         }
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, width, height):
+        """The library's size check, run when the workflow is validated, before any model loads."""
+        try:
+            check_image_size(*(16 if v is None else v for v in (width, height)))  # a linked one is checked at run time
+        except ValueError as e:
+            return str(e)
+        return True
+
     def generate(self, width, height, batch_size):
-        check_image_size(width, height)
+        check_image_size(width, height, batch_size)
         return ({"samples": torch.zeros(batch_size, 16, height // 8, width // 8)},)
 
 

@@ -5,8 +5,8 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 
 from flux_core.model import Flux
-from flux_core.pipeline import Conditioning, empty_latent, latent_from_raw, latent_to_raw, sample, seeded_noise
-from flux_core.sampling import check_latent, get_noise, get_schedule, pack, shift_mu
+from flux_core.pipeline import Conditioning, empty_latent, generate, latent_from_raw, latent_to_raw, sample, seeded_noise
+from flux_core.sampling import FlowMatch, check_latent, get_noise, get_schedule, pack, shift_mu
 from tiny_flux import bfl_to_diffusers, diffusers_config, random_weights, tiny_params
 
 
@@ -111,10 +111,81 @@ def test_raw_latent_round_trip():
     torch.testing.assert_close(latent_from_raw(torch.zeros(1)), torch.tensor([-0.1159 * 0.3611]))
 
 
-@pytest.mark.parametrize("width, height", [(100, 64), (64, 8), (1000, 1000)])
+@pytest.mark.parametrize("width, height", [(100, 64), (1000, 1000)])
 def test_size_not_multiple_of_16_is_refused(width, height):
     with pytest.raises(ValueError, match="multiple of 16"):
         empty_latent(width, height)
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda: empty_latent(64, 8), "image height must be a whole number from 16 to 16384, got 8"),
+        (lambda: empty_latent(100000, 16), "image width must be a whole number from 16 to 16384, got 100000"),
+        (lambda: empty_latent(16, 16, batch=5000), "batch size must be a whole number from 1 to 4096, got 5000"),
+        (lambda: empty_latent(16, 16, batch=0), "batch size must be a whole number from 1 to 4096, got 0"),
+        (lambda: empty_latent(64.0, 64), "image width must be a whole number .* got 64.0"),
+        (lambda: get_noise(1, 16, 100000, seed=0), "image height must be a whole number from 16 to 16384"),
+        (lambda: get_noise(1, 16, 16, seed=-1), "seed must be a whole number from 0 to"),
+    ],
+)  # fmt: skip
+def test_sizes_are_limited_as_in_the_nodes(make, message):
+    """The library's one size check (the nodes' range): 100000 px a side would allocate gigabytes."""
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"guidance": NAN}, "guidance must be a finite number, got nan"),
+        ({"cfg": INF}, "cfg must be a finite number, got inf"),
+        ({"denoise": NAN}, "denoise must be a finite number, got nan"),
+        ({"guidance": "3.5"}, "guidance must be a finite number, got '3.5'"),
+        ({"steps": 0}, "steps must be a whole number >= 1, got 0"),
+        ({"steps": 2.7}, "steps must be a whole number >= 1, got 2.7"),
+        ({"steps": True}, "steps must be a whole number >= 1, got True"),
+        ({"seed": 1.5}, "seed must be a whole number from 0 to"),
+    ],
+)  # fmt: skip
+def test_sampling_settings_must_be_finite_whole_where_counted(dev_model, settings, message):
+    model, cond = dev_model
+    with pytest.raises(ValueError, match=message):
+        sample(model, cond, empty_latent(32, 32), **{"seed": 0, "steps": 1, **settings})
+
+
+@pytest.mark.parametrize("shift", [{"max_shift": NAN}, {"base_shift": -INF}])
+def test_schedule_shifts_must_be_finite(shift):
+    with pytest.raises(ValueError, match="_shift must be a finite number"):
+        FlowMatch(**shift)
+    with pytest.raises(ValueError, match="_shift must be a finite number"):
+        get_schedule(4, 256, **shift)
+    with pytest.raises(ValueError, match="a must be a finite number"):
+        FlowMatch().sample_t(2, a=NAN)
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        ({"guidance": NAN}, "guidance must be a finite number, got nan"),
+        ({"cfg": INF}, "cfg must be a finite number"),
+        ({"steps": 0}, "steps must be a whole number >= 1, got 0"),  # was quietly 28
+        ({"batch_size": 0}, "batch size must be a whole number from 1 to 4096, got 0"),
+        ({"width": 100000}, "image width must be a whole number from 16 to 16384"),
+        ({"prompt": None}, "prompt must be a string or a non-empty list of strings, got None"),
+        ({"prompt": []}, "prompt must be a string or a non-empty list of strings"),
+        ({"prompt": ["a cat", 3]}, "prompt must be a string or a non-empty list of strings"),
+        ({"negative_prompt": 3, "cfg": 2.0}, "negative_prompt must be a string or None"),
+    ],
+)  # fmt: skip
+def test_generate_refuses_bad_arguments_before_any_work(dev_model, arguments, message):
+    """No autoencoder or text encoders are given: the error must come before they would be used."""
+    model, _ = dev_model
+    with pytest.raises(ValueError, match=message):
+        generate(model, None, None, **{"prompt": "a cat", "width": 32, "height": 32, **arguments})
 
 
 def test_wrong_latent_channels_and_missing_negative(dev_model):
