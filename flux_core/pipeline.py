@@ -11,6 +11,7 @@ from torch import Tensor
 
 from .autoencoder import AutoEncoderParams
 from .model import Flux
+from .redux import Redux
 from .sampling import (
     FlowMatch,
     check_count,
@@ -22,6 +23,7 @@ from .sampling import (
     text_ids,
     unpack,
 )
+from .tools import ImageCond, image_cond_from_images, output_size
 
 _FLUX_AE = AutoEncoderParams.flux()
 latent_from_raw = _FLUX_AE.scale_latent  # ComfyUI's raw AE latent -> the scaled latent the transformer works on
@@ -71,12 +73,14 @@ def sample(
     flow: FlowMatch | None = None,
     noise: Tensor | None = None,
     callback: Callable[[int, int, Tensor], None] | None = None,
+    image_cond: ImageCond | None = None,
 ) -> Tensor:
     """Euler sampling from `latent` noised to the schedule's first time; returns the scaled latent (B, 16, h, w).
 
     Guidance-distilled models (dev) get `guidance` as an input; `cfg` > 1 adds true classifier-free guidance with
     `negative` (both passes in one batched forward). `flow` defaults to a shifted schedule for guidance-distilled
-    models and the linear one otherwise (schnell), as the reference.
+    models and the linear one otherwise (schnell), as the reference. `image_cond` carries the image inputs of
+    Kontext, Fill and Canny/Depth models (flux_core.tools).
     """
     check_sampling(steps, seed, guidance, cfg, denoise)
     check_latent(latent, channels=model.out_channels // 4)
@@ -84,6 +88,7 @@ def sample(
         raise ValueError(f"cfg {cfg} > 1 needs a negative prompt; connect one or set cfg to 1")
     batch, _, height, width = latent.shape
     device, dtype = next(model.parameters()).device, model.compute_dtype
+    image_cond = (image_cond or ImageCond()).prepared(model.params.in_channels, height, width, device)
     flow = flow or FlowMatch(shift=model.params.guidance_embed)
     timesteps = flow.partial_schedule(steps, (height // 2) * (width // 2), denoise)
 
@@ -102,7 +107,8 @@ def sample(
 
     def velocity(x: Tensor, t: float) -> Tensor:
         t_vec = torch.full((batch * copies,), t, device=device)  # float32 time, as ComfyUI
-        v = model(x if copies == 1 else x.repeat(copies, 1, 1), img_ids_, txt, txt_ids_, t_vec, y=y, guidance=guidance_vec).float()
+        img, img_ids = image_cond.model_input(x if copies == 1 else x.repeat(copies, 1, 1), img_ids_)
+        v = model(img, img_ids, txt, txt_ids_, t_vec, y=y, guidance=guidance_vec)[:, : x.shape[1]].float()  # generated tokens
         if copies == 1:
             return v
         pos, neg = v.chunk(2)
@@ -134,8 +140,8 @@ def generate(
     ae,
     text_encoders,
     prompt: str | list[str],
-    width: int = 1024,
-    height: int = 1024,
+    width: int | None = None,  # default 1024, or the Kontext reference's size
+    height: int | None = None,
     steps: int | None = None,
     guidance: float = 3.5,
     seed: int = 0,
@@ -145,12 +151,25 @@ def generate(
     init_image: Tensor | None = None,  # (B, H, W, 3) in [0, 1]
     denoise: float = 1.0,
     callback: Callable[[int, int, Tensor], None] | None = None,
+    reference_images: list[Tensor] | None = None,  # Kontext: each (1, H, W, 3) in [0, 1]
+    kontext_resize: bool = True,
+    mask: Tensor | None = None,  # Fill: (B, H, W) in [0, 1] over init_image, 1 = repaint
+    control_image: Tensor | None = None,  # Canny/Depth: (1, H, W, 3) in [0, 1]
+    redux: Redux | None = None,
+    redux_image: Tensor | None = None,  # (B, H, W, 3) in [0, 1]
+    redux_strength: float = 1.0,
 ) -> Tensor:  # (B, H, W, 3) in [0, 1]
     """Prompt(s) in, images out. dev-type models default to 28 steps and 512 T5 tokens, schnell to 4 and 256.
 
     One prompt makes `batch_size` images (seeds seed, seed + 1, ...); a list makes one image per prompt.
     With `init_image` and denoise < 1 this is image-to-image (the image's size is used).
+    FLUX.1 Tools: `reference_images` for Kontext (resized to its preferred resolutions unless not
+    `kontext_resize`), `init_image` + `mask` for Fill, `control_image` for Canny/Depth (resized to the output),
+    `redux_image` with `redux` (flux_core.redux.Redux) for Redux.
     """
+    width, height = output_size(width, height, reference_images, kontext_resize)
+    if redux_image is not None and redux is None:
+        raise ValueError("redux_image needs the Redux models: pass redux=Redux(load_siglip(...), load_redux_projector(...))")
     distilled = model.params.guidance_embed
     steps = (28 if distilled else 4) if steps is None else steps
     prompts = [prompt] if isinstance(prompt, str) else list(prompt) if isinstance(prompt, (list, tuple)) else []
@@ -166,12 +185,17 @@ def generate(
     def encode(texts: list[str]) -> Conditioning:
         return Conditioning(*text_encoders.encode(texts, texts, t5_max_length=t5_tokens))
 
+    image_cond = image_cond_from_images(
+        ae, width, height, init_image if mask is not None else None, mask, control_image, reference_images, kontext_resize
+    )
     positive = encode(prompts)
+    if redux_image is not None:
+        positive = Conditioning(redux.extend(positive.txt, redux_image, redux_strength), positive.y)
     negative = encode([negative_prompt or ""] * len(prompts)) if cfg > 1 else None
     if init_image is not None:
         latent = ae.encode(from_unit_images(init_image).to(ae.device, ae.dtype)).float()
     else:
         latent = empty_latent(width, height, batch_size if len(prompts) == 1 else len(prompts))
-    latent = sample(model, positive, latent, seed, steps, guidance, cfg, negative, denoise, callback=callback)
+    latent = sample(model, positive, latent, seed, steps, guidance, cfg, negative, denoise, callback=callback, image_cond=image_cond)
     with torch.inference_mode():
         return to_unit_images(ae.decode(latent.to(ae.device, ae.dtype)))
