@@ -31,7 +31,10 @@ def _not_safetensors(name: str, head: bytes, size: int, header_len: int) -> str:
             "Use the .safetensors release of this model, or convert it with a trusted tool."
         )
     if head[:4] == b"GGUF":
-        return f"{name} is a GGUF quantised file; this loader reads safetensors (bf16, or fp8 for less memory)."
+        return (
+            f"{name} is a GGUF quantised file; only the Flux model loader and the T5 text encoder loader read GGUF. "
+            "Use a safetensors file here."
+        )
     if head.startswith(b"version "):
         return (
             f"{name} is a Git LFS pointer ({size} bytes), not the weights: fetch them with `git lfs pull` "
@@ -267,8 +270,8 @@ def load_weights(
 ) -> None:
     """Assign `state_dict` into a module built on the meta device: no random init, no second copy.
 
-    Tensors are cast to `dtype` except Linear weights that are fp8 (when `keep_fp8`) or already `weight_dtype`:
-    those stay as they are and are cast per call.
+    Tensors are cast to `dtype` except Linear weights that are fp8 (when `keep_fp8`) or already `weight_dtype`, and
+    quantised blocks (uint8, where the module expects them: GGUF): those stay as they are and are cast per call.
     Missing or unexpected keys and shape mismatches raise with the names; `source` names the file.
     """
     expected = module.state_dict(keep_vars=True)
@@ -286,5 +289,6 @@ def load_weights(
                 f"{source}: {key} has shape {tuple(tensor.shape)} but the model expects {tuple(target.shape)}"
             )
         keep = key in linear_weights and (keep_fp8 and tensor.dtype in FP8_DTYPES or tensor.dtype == weight_dtype)
+        keep = keep or tensor.dtype == target.dtype == torch.uint8
         ready[key] = tensor if keep or tensor.dtype == dtype else tensor.to(dtype)
     module.load_state_dict(ready, assign=True)

@@ -2,8 +2,9 @@
 
 Layouts: the official BFL file (flux1-dev.safetensors), ComfyUI all-in-one checkpoints (transformer under
 `model.diffusion_model.`), diffusers `transformer/` folders (sharded, with an index) or single files with
-diffusers names, and fp8 files: plain casts, scaled fp8 (`scaled_fp8` marker + `<layer>.scale_weight`) and
-the newer `<layer>.weight_scale` + `<layer>.comfy_quant` layout. The architecture is read from tensor shapes.
+diffusers names, fp8 files: plain casts, scaled fp8 (`scaled_fp8` marker + `<layer>.scale_weight`) and
+the newer `<layer>.weight_scale` + `<layer>.comfy_quant` layout, and GGUF files (city96's Q8_0 ... Q2_K, kept
+quantised: see gguf.py). The architecture is read from tensor shapes.
 """
 import json
 import logging
@@ -24,6 +25,7 @@ from .checkpoint import (
     weight_files,
     wrong_file_error,
 )
+from .gguf import dequantize, is_gguf, logical_shapes, read_flux_gguf, type_label, use_blocks
 from .model import PRESETS, Flux, FluxParams
 from .model import preset as named_preset
 from .ops import FP8_DTYPES, Linear, enable_fp8_matmul
@@ -207,8 +209,11 @@ def _check_quant_format(key: str, value: Tensor, source: str) -> None:
         )
 
 
-def _read_weights(path: Path) -> tuple[dict[str, Tensor], str, list[Path]]:
-    """BFL-named (still mmap'd where no fusing is needed) transformer tensors, a layout label and the files."""
+def _read_weights(path: Path) -> tuple[dict[str, Tensor], dict, str, list[Path]]:
+    """BFL-named (still mmap'd where no fusing is needed) transformer tensors, the GGUF types of those stored as
+    quantised blocks, a layout label and the files."""
+    if is_gguf(path):
+        return *read_flux_gguf(path), "GGUF", [path]
     files = weight_files(path, component="transformer")
     keys = [key for f in files for key in read_header(f)[0]]
     kind = identify(keys)
@@ -221,14 +226,14 @@ def _read_weights(path: Path) -> tuple[dict[str, Tensor], str, list[Path]]:
     state_dict = strip_prefix(tensors, prefix)
     if kind == "flux":
         layout = f"ComfyUI checkpoint ({prefix}*)" if prefix else "BFL"
-        return state_dict, layout, files
+        return state_dict, {}, layout, files
     if any(k.endswith(_WEIGHT_SCALES) for k in state_dict):
         raise CheckpointError(
             f"{path.name}: scaled fp8 in diffusers layout is not supported (its q/k/v scales differ, they cannot be "
             "fused); use the BFL/ComfyUI-layout fp8 file, or a bf16 diffusers folder with weight_dtype fp8"
         )
     where = f"folder, {len(files)} shards" if len(files) > 1 else "folder" if path.is_dir() else "file"
-    return diffusers_to_bfl(state_dict), f"diffusers {where}" + (f" ({prefix}*)" if prefix else ""), files
+    return diffusers_to_bfl(state_dict), {}, f"diffusers {where}" + (f" ({prefix}*)" if prefix else ""), files
 
 
 def _diffusers_axes(files: list[Path]) -> list[int] | None:
@@ -241,7 +246,9 @@ def _diffusers_axes(files: list[Path]) -> list[int] | None:
         return None
 
 
-def _storage_label(state_dict: dict[str, Tensor], scales: dict) -> str:
+def _storage_label(state_dict: dict[str, Tensor], scales: dict, qtypes: dict) -> str:
+    if qtypes:
+        return type_label(state_dict, qtypes)
     dtypes = sorted({str(v.dtype).removeprefix("torch.") for v in state_dict.values() if v.ndim == 2})
     return "/".join(dtypes) + (" (scaled)" if scales else "")
 
@@ -269,8 +276,8 @@ def load_flux(
 ) -> Flux:
     """A Flux transformer from a file or diffusers folder, computing in `dtype`.
 
-    weight_dtype: how Linear weights are kept. None: as stored (fp8 stays fp8 and is upcast per layer at compute
-    time; other weights are cast to `dtype`); an fp8 dtype: cast to fp8 on load (like ComfyUI's weight_dtype);
+    weight_dtype: how Linear weights are kept. None: as stored (fp8 stays fp8 and GGUF blocks stay quantised, both
+    upcast per layer at compute time; other weights are cast to `dtype`); an fp8 dtype: cast to fp8 on load (like ComfyUI's weight_dtype);
     a float dtype: dequantised/cast to it. `preset` names the expected architecture (its axes and theta apply,
     and the file is checked against it). fp8_matmul: on CUDA, float8_e4m3fn weights feed the fp8 matrix units
     directly, bfloat16 activations quantised per token (GEMMs 1.7x faster on an H200, 8-bit activations; ComfyUI's
@@ -283,17 +290,17 @@ def load_flux(
     if weight_dtype is not None and not weight_dtype.is_floating_point:
         raise ValueError(f"weight_dtype must be None, a float or an fp8 dtype, got {weight_dtype}")
     path = Path(path)
-    state_dict, layout, files = _read_weights(path)
+    state_dict, qtypes, layout, files = _read_weights(path)
     state_dict, scales = _split_quantisation(state_dict, path.name)
     if preset is not None:
         known = named_preset(preset)  # unknown names raise, listing the known ones
         axes_dim, theta = axes_dim or known.axes_dim, theta or known.theta
     elif axes_dim is None and layout.startswith("diffusers"):
         axes_dim = _diffusers_axes(files)
-    params = infer_flux_params(state_dict, axes_dim, theta, source=path.name)
+    params = infer_flux_params(logical_shapes(state_dict, qtypes), axes_dim, theta, source=path.name)
     if preset is not None:
         _check_preset(params, preset, path.name)
-    stored = _storage_label(state_dict, scales)
+    stored = _storage_label(state_dict, scales, qtypes)
 
     with torch.device("meta"):
         model = Flux(params)
@@ -305,6 +312,10 @@ def load_flux(
         tensor = state_dict.get(key)
         if tensor is None:
             continue  # reported as missing by load_weights
+        if key in qtypes:  # GGUF blocks: kept (dequantised per call), or dequantised now to weight_dtype
+            if weight_dtype is not None:
+                state_dict[key] = dequantize(tensor, qtypes.pop(key), weight_dtype)
+            continue
         if not tensor.is_floating_point():
             raise CheckpointError(
                 f"{path.name}: {key} is stored as {tensor.dtype}: only float and fp8 weights are supported "
@@ -314,8 +325,9 @@ def load_flux(
             scale = scales.pop(layer, None)
             state_dict[key] = (tensor if scale is None else tensor.float() * scale).to(weight_dtype)
     storage = f"{stored} weights"
-    if (kept := _storage_label(state_dict, scales)) != stored:
+    if (kept := _storage_label(state_dict, scales, qtypes)) != stored:
         storage += f" kept as {kept}"
+    use_blocks(model, qtypes)
     load_weights(model, state_dict, dtype, path.name, weight_dtype=weight_dtype)
     for layer, scale in scales.items():
         model.get_submodule(layer).set_weight_scale(scale)
