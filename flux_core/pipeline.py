@@ -11,6 +11,7 @@ from torch import Tensor
 
 from .autoencoder import AutoEncoderParams
 from .model import Flux
+from .streaming import decode_on, encoders_on, transformer_on
 from .redux import Redux
 from .sampling import (
     FlowMatch,
@@ -158,11 +159,16 @@ def generate(
     redux: Redux | None = None,
     redux_image: Tensor | None = None,  # (B, H, W, 3) in [0, 1]
     redux_strength: float = 1.0,
+    device: torch.device | str | None = None,
+    budget_bytes: int | None = None,
 ) -> Tensor:  # (B, H, W, 3) in [0, 1]
     """Prompt(s) in, images out. dev-type models default to 28 steps and 512 T5 tokens, schnell to 4 and 256.
 
     One prompt makes `batch_size` images (seeds seed, seed + 1, ...); a list makes one image per prompt.
     With `init_image` and denoise < 1 this is image-to-image (the image's size is used).
+    Models kept on the CPU run on `device` (default: CUDA when there is one) stage by stage (flux_core.streaming):
+    the text encoders only while encoding, the transformer within `budget_bytes` (default: the free memory) with the
+    blocks that do not fit streamed, the AE for the decode, which unloads the transformer if it needs the room.
     FLUX.1 Tools: `reference_images` for Kontext (resized to its preferred resolutions unless not
     `kontext_resize`), `init_image` + `mask` for Fill, `control_image` for Canny/Depth (resized to the output),
     `redux_image` with `redux` (flux_core.redux.Redux) for Redux.
@@ -181,9 +187,11 @@ def generate(
     if init_image is None:  # the size is checked before the prompts are encoded
         check_image_size(width, height, batch_size if len(prompts) == 1 else len(prompts))
     t5_tokens = 512 if distilled else 256
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
     def encode(texts: list[str]) -> Conditioning:
-        return Conditioning(*text_encoders.encode(texts, texts, t5_max_length=t5_tokens))
+        with encoders_on(text_encoders, device, len(texts) * t5_tokens):
+            return Conditioning(*text_encoders.encode(texts, texts, t5_max_length=t5_tokens))
 
     image_cond = image_cond_from_images(
         ae, width, height, init_image if mask is not None else None, mask, control_image, reference_images, kontext_resize
@@ -196,6 +204,8 @@ def generate(
         latent = ae.encode(from_unit_images(init_image).to(ae.device, ae.dtype)).float()
     else:
         latent = empty_latent(width, height, batch_size if len(prompts) == 1 else len(prompts))
+    copies, tokens = 2 if cfg > 1 else 1, (latent.shape[-2] // 2) * (latent.shape[-1] // 2)
+    transformer_on(model, device, latent.shape[0] * copies, tokens, t5_tokens, budget_bytes)
     latent = sample(model, positive, latent, seed, steps, guidance, cfg, negative, denoise, callback=callback, image_cond=image_cond)
     with torch.inference_mode():
-        return to_unit_images(ae.decode(latent.to(ae.device, ae.dtype)))
+        return to_unit_images(decode_on(ae, latent, device))

@@ -71,6 +71,8 @@ def plan_streamed(block_bytes: list[int], fixed: int, budget: int, ahead: int) -
     a copy behind), spread evenly through the run order so copies overlap the resident blocks' compute."""
     if fixed + sum(block_bytes) <= budget:
         return []
+    if not block_bytes:
+        raise ValueError(f"{fixed / GiB:.2f} GiB of weights do not fit a VRAM budget of {budget / GiB:.2f} GiB")
     order = sorted(range(len(block_bytes)), key=lambda i: block_bytes[i])
     for count in range(1, len(order) + 1):
         streamed = _spread(order[:count], block_bytes)
@@ -146,17 +148,20 @@ class Placement:
         self.fixed = _Block([t for _, _, t in _tensors(model) if id(t) not in in_blocks])
         if any(h.device.type != "cpu" for b in (self.fixed, *self.blocks) for h in b.home):
             raise ValueError("place() takes a model whose weights are on the CPU (load it with device='cpu')")
-        self.device, self.ahead, self.budget = None, 1, 0
-        self.streamed, self.position, self.resident, self.slots = [], {}, [], []
+        self.modules = blocks
+        self.device, self.ahead, self.budget, self.kind = None, 1, 0, None
+        self.streamed, self.position, self.resident, self.slots, self.hooks = [], {}, [], [], []
 
     def plan(self, budget: int, ahead: int) -> list[int]:
         return plan_streamed([b.nbytes for b in self.blocks], self.fixed.nbytes, budget, ahead)
 
-    def load(self, device: torch.device, budget: int, ahead: int) -> None:
+    def load(self, device: torch.device, budget: int, ahead: int, hooks: bool = False) -> None:
         streamed = self.plan(budget, ahead)  # raises before anything moves
         if self.resident and (device, ahead, streamed) == (self.device, self.ahead, self.streamed):
             return
         self.unload()
+        if hooks:  # for models whose forward loop is not ours (T5): forward hooks stream the blocks in
+            self.hooks = [h for i in streamed for h in self._hook(i)]
         self.device, self.ahead, self.budget, self.cuda = device, ahead, budget, device.type == "cuda"
         self.streamed, self.position = streamed, {i: k for k, i in enumerate(streamed)}
         self.resident = [self.fixed] + [b for i, b in enumerate(self.blocks) if i not in self.position]
@@ -201,7 +206,22 @@ class Placement:
             self.copy_stream.synchronize()
         for block in (self.fixed, *self.blocks):
             block.set(block.home)
-        self.streamed, self.position, self.resident, self.slots, self.slot_views = [], {}, [], [], {}
+        for hook in self.hooks:
+            hook.remove()
+        self.streamed, self.position, self.resident, self.slots, self.slot_views, self.hooks = [], {}, [], [], {}, []
+
+    def _hook(self, i: int):
+        open_ = {}
+
+        def before(module, args):
+            open_[i] = self.weights(i)
+            open_[i].__enter__()
+
+        def after(module, args, output):
+            open_.pop(i).__exit__(None, None, None)
+
+        module = self.modules[i]
+        return module.register_forward_pre_hook(before), module.register_forward_hook(after)
 
     # --- streaming -----------------------------------------------------------------------------------------------
 
@@ -306,12 +326,15 @@ def place(
     budget_bytes: int | None = None,
     activations: int = 0,
     ahead: int = 1,
+    kind: str | None = None,
+    hooks: bool = False,
 ) -> Placement:
     """Put `model` (weights on the CPU) on `device` within `budget_bytes` (default: the device's free memory minus
     `activations`, the transient memory the forward pass needs), streaming the `blocks` that do not fit.
 
-    A placement that still fits is kept; other placed models on the device are unloaded first (one model placed per
-    device at a time). Returns the model's Placement (`.describe()` says what went where)."""
+    A placement that still fits is kept. Other placed models of the same `kind` (e.g. "transformer") on the device
+    are unloaded first: switching models never leaves two on the GPU. `hooks`: stream through forward hooks on the
+    blocks, for models whose forward does not call `block_runner`. Returns the model's Placement (`.describe()`)."""
     device = torch.device(device)
     if device.type == "cuda":
         if not torch.cuda.is_available():
@@ -328,12 +351,13 @@ def place(
         placement = Placement(model, blocks)
         next(model.parameters())._fluxkit_placement = placement
     for other in list(_PLACED):
-        if other is not placement and other.device == device:
+        if other is not placement and other.device == device and kind is not None and other.kind == kind:
             unload_placement(other)
     if budget_bytes is None:
         own = placement.resident_bytes if placement.device == device else 0  # its own memory counts as free
         budget_bytes = free_bytes(device) + own - activations
-    placement.load(device, budget_bytes, ahead)
+    placement.load(device, budget_bytes, ahead, hooks)
+    placement.kind = kind
     _PLACED.add(placement)
     return placement
 
@@ -359,3 +383,77 @@ def make_room(device: torch.device | str, nbytes: int) -> bool:
             unload_placement(placement)
     torch.cuda.empty_cache()
     return free_bytes(device) >= nbytes
+
+
+# --- pipeline stages: each model on the GPU only while its stage needs it ----------------------------------------
+
+
+def _on_cpu(module: nn.Module) -> bool:
+    return next(module.parameters()).device.type == "cpu"
+
+
+def _weight_bytes(*modules: nn.Module) -> int:
+    return sum(t.nbytes for m in modules for _, _, t in _tensors(m))
+
+
+@contextmanager
+def encoders_on(text_encoders, device: torch.device | str, tokens: int = 512):
+    """flux_core.conditioning.TextEncoders on `device` for the block: whole when they fit (placed transformers are
+    unloaded to make room if need be), else CLIP whole and T5's blocks streamed; back to the CPU afterwards.
+    A no-op for a CPU `device` or encoders already elsewhere than the CPU."""
+    device = torch.device(device)
+    if device.type != "cuda" or not _on_cpu(text_encoders.t5):
+        yield text_encoders
+        return
+    need = _weight_bytes(text_encoders.clip, text_encoders.t5)
+    activations = activation_bytes(tokens, text_encoders.t5.config.d_model, text_encoders.dtype)
+    if make_room(device, need + activations):
+        with text_encoders.on(device):
+            yield text_encoders
+        return
+    blocks = list(text_encoders.t5.encoder.block)
+    try:
+        place(text_encoders.clip, device, [], budget_bytes=_weight_bytes(text_encoders.clip))
+        place(text_encoders.t5, device, blocks, activations=activations, hooks=True)
+        yield text_encoders
+    finally:
+        unload(text_encoders.clip)
+        unload(text_encoders.t5)
+
+
+def transformer_on(model: nn.Module, device: torch.device | str, batch: int, img_tokens: int, txt_tokens: int,
+                   budget_bytes: int | None = None, ahead: int = 1) -> Placement | None:  # fmt: skip
+    """A Flux transformer kept on the CPU placed on the CUDA `device` for sampling: whole if it fits, else with its
+    blocks streamed (`batch` counts cfg's second pass). Any other placed transformer is unloaded first. None (a
+    no-op) on the CPU or for a model already on a GPU."""
+    device = torch.device(device)
+    if device.type != "cuda" or (placement_of(model) is None and not _on_cpu(model)):
+        return None
+    activations = flux_activation_bytes(model, batch, img_tokens, txt_tokens)
+    if budget_bytes is None:
+        make_room(device, _weight_bytes(model) + activations)  # others' weights go first, ours stream if short
+    return place(model, device, model.blocks(), budget_bytes, activations, ahead, kind="transformer")
+
+
+def decode_on(ae, latent: Tensor, device: torch.device | str, scaled: bool = True) -> Tensor:
+    """ae.decode(latent) on `device` (AE weights there for the call when kept on the CPU); placed models are
+    unloaded if the decode needs their room, and a decode that still runs out of memory is redone in tiles."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return ae.decode(latent.to(ae.device, ae.dtype), scaled=scaled)
+    on_cpu = _on_cpu(ae)
+    pixels = latent.shape[0] * latent.shape[-2] * latent.shape[-1] * ae.params.downscale**2
+    # the decoder's last level holds a few (pixels x 128 channels) tensors at once
+    make_room(device, (_weight_bytes(ae) if on_cpu else 0) + pixels * 128 * ae.dtype.itemsize * 6)
+    if on_cpu:
+        place(ae, device, [], budget_bytes=_weight_bytes(ae))
+    try:
+        raw = latent.to(device, ae.dtype)
+        try:
+            return ae.decode(raw, scaled=scaled)
+        except torch.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            return ae.decode_tiled(raw.cpu(), scaled=scaled)  # tiles run on the AE's device, assembled on the CPU
+    finally:
+        if on_cpu:
+            unload(ae)
