@@ -125,3 +125,116 @@ def test_mask_folding_closed_form():
         assert folded[0, dy * 8 + dx, row, col] == mask[0, row * 8 + dy, col * 8 + dx]
     cond = fill_cond(torch.zeros(1, 16, 2, 4), torch.ones(1, 16, 32))
     assert cond.channels.shape == (1, 2, 64 + 256) and cond.channels[..., 64:].eq(1).all()
+
+
+def binary_mask(height: int, width: int) -> torch.Tensor:  # (1, H, W): a rectangle to repaint, not cell-aligned
+    mask = torch.zeros(1, height, width)
+    mask[:, 5:30, 20:51] = 1
+    return mask
+
+
+@pytest.fixture
+def posterior_mean(monkeypatch):
+    """BFL encodes Fill and control images to the posterior mean (AutoEncoder(sample_z=False)); diffusers' Fill and
+    control pipelines draw a sample: make the draw the mean, so both run the reference's conditioning."""
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+    monkeypatch.setattr(DiagonalGaussianDistribution, "sample", lambda self, generator=None: self.mean)
+
+
+def test_fill_matches_diffusers(ae_pair, posterior_mean):
+    from diffusers import FluxFillPipeline
+
+    params, ours, ref = transformer_pair(384)
+    ae, vae = ae_pair
+    txt, y, noise = prompt(params)
+    image, mask = unit_image(HEIGHT, WIDTH, seed=3), binary_mask(HEIGHT, WIDTH)
+    pipe = FluxFillPipeline(scheduler(), vae, None, None, None, None, ref)
+    expected = pipe(
+        image=image.permute(0, 3, 1, 2), mask_image=mask[:, None], prompt_embeds=txt, pooled_prompt_embeds=y,
+        height=HEIGHT, width=WIDTH, num_inference_steps=STEPS, guidance_scale=30.0, latents=pack(noise),
+        output_type="latent",
+    ).images  # fmt: skip
+    cond = image_cond_from_images(ae, WIDTH, HEIGHT, image=image, mask=mask)
+    got = sample(ours, Conditioning(txt, y), empty_latent(WIDTH, HEIGHT), 0, STEPS, 30.0, noise=noise, image_cond=cond)
+    assert_matches(pack(got), expected, pack(noise))
+
+
+def test_control_matches_diffusers(ae_pair, posterior_mean):
+    from diffusers import FluxControlPipeline
+
+    params, ours, ref = transformer_pair(128)
+    ae, vae = ae_pair
+    txt, y, noise = prompt(params)
+    control = unit_image(HEIGHT, WIDTH, seed=4)
+    pipe = FluxControlPipeline(scheduler(), vae, None, None, None, None, ref)
+    expected = pipe(
+        control_image=control.permute(0, 3, 1, 2) * 2 - 1, prompt_embeds=txt, pooled_prompt_embeds=y, height=HEIGHT,
+        width=WIDTH, num_inference_steps=STEPS, guidance_scale=10.0, latents=pack(noise), output_type="latent",
+    ).images  # fmt: skip
+    cond = image_cond_from_images(ae, WIDTH, HEIGHT, control_image=control)
+    got = sample(ours, Conditioning(txt, y), empty_latent(WIDTH, HEIGHT), 0, STEPS, 10.0, noise=noise, image_cond=cond)
+    assert_matches(pack(got), expected, pack(noise))
+
+
+def test_outpaint_pad_masks_the_new_border():
+    image = torch.rand(1, 16, 32, 3)
+    padded, mask = outpaint_pad(image, left=16, top=0, right=8, bottom=16)
+    assert padded.shape == (1, 32, 56, 3) and mask.shape == (1, 32, 56)
+    torch.testing.assert_close(padded[:, :16, 16:48], image)
+    assert padded[:, 16:].eq(0.5).all() and padded[:, :, :16].eq(0.5).all()
+    assert mask[:, :16, 16:48].eq(0).all() and mask[:, 16:].eq(1).all() and mask[:, :, 48:].eq(1).all()
+    _, feathered = outpaint_pad(image, left=16, top=0, right=0, bottom=0, feathering=4)
+    # distance d to the padded left side inside the image -> ((4 - d) / 4) ** 2; the unpadded sides stay 0
+    assert feathered[0, 5, 16:21].tolist() == [1.0, 0.5625, 0.25, 0.0625, 0.0]
+    assert feathered[0, :, 21:].eq(0).all()
+
+
+# -- errors ---------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def models():
+    return {n: transformer_pair(n)[1] for n in (64, 128, 384)}
+
+
+def run(model, cond, width=WIDTH, height=HEIGHT):
+    params = model.params
+    txt, y = torch.zeros(1, 3, params.context_in_dim), torch.zeros(1, params.vec_in_dim)
+    return sample(model, Conditioning(txt, y), empty_latent(width, height), 0, 1, image_cond=cond)
+
+
+@pytest.mark.parametrize(
+    "in_channels, cond, message",
+    [
+        (384, None, "Fill model.*needs an image and a mask.*got no image conditioning"),
+        (128, None, "Canny/Depth model.*needs a control image"),
+        (384, ImageCond(channels=torch.zeros(1, 12, 64)), "Fill model.*got a control image"),
+        (64, ImageCond(channels=torch.zeros(1, 12, 320)), "plain model.*flux1-fill-dev.*got a Fill image and mask"),
+        (128, ImageCond(channels=torch.zeros(1, 6, 64)), "6 latent tokens but the latent to sample has 12.*resize"),
+        (128, ImageCond(torch.zeros(1, 12, 64), torch.zeros(1, 2, 64), torch.zeros(1, 2, 3)), "Kontext reference"),
+    ],
+)
+def test_conditioning_that_does_not_fit_the_model_is_refused(models, in_channels, cond, message):
+    with pytest.raises(ValueError, match=message):
+        run(models[in_channels], cond)
+
+
+def test_bad_fill_inputs_are_refused(ae_pair):
+    ae, _ = ae_pair
+    image = unit_image(HEIGHT, WIDTH, seed=0)
+    with pytest.raises(ValueError, match="mask is 64x32 but the image is 64x48"):
+        image_cond_from_images(ae, WIDTH, HEIGHT, image=image, mask=torch.ones(1, 32, 64))
+    with pytest.raises(ValueError, match="a mask needs the image"):
+        image_cond_from_images(ae, WIDTH, HEIGHT, mask=torch.ones(1, HEIGHT, WIDTH))
+    with pytest.raises(ValueError, match="multiple of 16"):
+        image_cond_from_images(ae, WIDTH, HEIGHT, image=image[:, :40], mask=torch.ones(1, 40, WIDTH))
+
+
+def test_kontext_reference_runs_on_any_plain_model(models, ae_pair):
+    """BFL's denoise appends reference tokens for any model (dev's architecture is Kontext's): no refusal."""
+    cond = image_cond_from_images(ae_pair[0], WIDTH, HEIGHT, reference_images=[unit_image(32, 32, 0)], kontext_resize=False)
+    assert run(models[64], cond).shape == (1, 16, HEIGHT // 8, WIDTH // 8)
+
+
+def test_control_image_of_another_size_is_resized(ae_pair):
+    cond = image_cond_from_images(ae_pair[0], WIDTH, HEIGHT, control_image=unit_image(100, 70, 0))
+    assert cond.channels.shape == (1, (HEIGHT // 16) * (WIDTH // 16), 64)
