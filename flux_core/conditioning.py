@@ -28,6 +28,7 @@ from .checkpoint import (
     weight_files,
     wrong_file_error,
 )
+from .gguf import GGUFLinear, is_gguf, read_t5_gguf, use_blocks
 from .loading import _split_quantisation, count_blocks
 from .ops import FP8_DTYPES, Linear
 
@@ -104,7 +105,7 @@ def load_clip(path, dtype: torch.dtype = torch.bfloat16, device: torch.device | 
     (or pipeline root), computing in `dtype`. Full CLIP models (vision tower, text_projection) load their text tower."""
     _check_dtype(dtype)
     path = Path(path)
-    state, files = _read(path, "text_encoder")
+    state, files, _ = _read(path, "text_encoder", dtype)
     towers = {p: _clip_variant(state, p) for p in _prefixes(state, _CLIP_TOKENS)}
     prefix = next((p for p, variant in towers.items() if variant == "clip_l"), None)
     if prefix is None:
@@ -125,10 +126,11 @@ def load_clip(path, dtype: torch.dtype = torch.bfloat16, device: torch.device | 
 
 def load_t5(path, dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu") -> T5EncoderModel:
     """The T5 encoder from t5xxl_fp16.safetensors, t5xxl_fp8_e4m3fn(_scaled).safetensors, an all-in-one checkpoint or a
-    diffusers text_encoder_2/ folder (or pipeline root), computing in `dtype`; fp8 weights stay fp8."""
+    diffusers text_encoder_2/ folder (or pipeline root), or a GGUF (t5-v1_1-xxl-encoder-Q8_0.gguf ...), computing in
+    `dtype`; fp8 weights stay fp8, GGUF linears stay quantised (dequantised per layer when used)."""
     _check_dtype(dtype)
     path = Path(path)
-    state, files = _read(path, "text_encoder_2")
+    state, files, qtypes = _read(path, "text_encoder_2", dtype)
     prefixes = _prefixes(state, _T5_QUERY)
     if not prefixes:
         raise _wrong_file(path, state, "t5")
@@ -145,6 +147,7 @@ def load_t5(path, dtype: torch.dtype = torch.bfloat16, device: torch.device | st
     with torch.device("meta"):
         model = T5EncoderModel(config)
         _swap_linears(model)
+        use_blocks(model, qtypes)
     for module in model.modules():
         if type(module) in _FEED_FORWARDS:
             module.__class__ = _FEED_FORWARDS[type(module)]
@@ -192,12 +195,16 @@ def _check_dtype(dtype: torch.dtype) -> None:
         raise ValueError(f"dtype is the compute dtype: torch.float32, torch.bfloat16 or torch.float16, got {dtype}")
 
 
-def _read(path: Path, component: str) -> tuple[dict[str, Tensor], list[Path]]:
+def _read(path: Path, component: str, dtype: torch.dtype) -> tuple[dict[str, Tensor], list[Path], dict]:
+    """Tensors, files, and the GGUF types of tensors stored as quantised blocks (a GGUF is read as a T5 encoder)."""
+    if is_gguf(path):
+        state, qtypes = read_t5_gguf(path, dtype)
+        return state, [path], qtypes
     files = weight_files(path, component)
     state = {}
     for file in files:
         state.update(load_safetensors(file))
-    return state, files
+    return state, files, {}
 
 
 def _prefixes(keys: Iterable[str], signature: str) -> list[str]:
@@ -247,7 +254,9 @@ def _apply_scales(model: nn.Module, scales: dict[str, Tensor], source: str) -> N
 
 
 def _ready(model: nn.Module, path: Path, files: list[Path], prefix: str, what: str, device) -> nn.Module:
-    storage = "/".join(sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters() if p.ndim == 2}))
+    names = {str(p.dtype).removeprefix("torch.") for p in model.parameters() if p.ndim == 2}
+    names = names - {"uint8"} | {m.qtype.name for m in model.modules() if isinstance(m, GGUFLinear)}  # GGUF blocks
+    storage = "/".join(sorted(names))
     where = f"{len(files)} shards" if len(files) > 1 else "folder" if path.is_dir() else "file"
     model.description = f"{path.name}: {what} ({where}{', under ' + prefix if prefix else ''}), {storage} weights"
     log.info(model.description)
