@@ -238,3 +238,34 @@ def test_kontext_reference_runs_on_any_plain_model(models, ae_pair):
 def test_control_image_of_another_size_is_resized(ae_pair):
     cond = image_cond_from_images(ae_pair[0], WIDTH, HEIGHT, control_image=unit_image(100, 70, 0))
     assert cond.channels.shape == (1, (HEIGHT // 16) * (WIDTH // 16), 64)
+
+
+# -- Canny ----------------------------------------------------------------------------------------------------
+def test_canny_traces_a_square_with_thin_edges():
+    from flux_core.canny import canny
+
+    image = torch.zeros(1, 32, 32, 3)
+    image[:, 8:24, 8:24] = 1
+    edges = canny(image)[0, ..., 0]
+    assert canny(image).shape == (1, 32, 32, 3)
+    rows, cols = edges.nonzero().unbind(1)
+    near_border = torch.minimum((rows - 7.5).abs(), (rows - 23.5).abs()).le(1.5) | torch.minimum(
+        (cols - 7.5).abs(), (cols - 23.5).abs()
+    ).le(1.5)
+    assert near_border.all() and len(rows) > 40  # the whole outline, nothing inside or far outside
+    assert edges[16].sum() == 2 and edges[:, 16].sum() == 2  # one pixel wide after non-maximum suppression
+
+
+def test_canny_hysteresis_keeps_weak_edges_only_when_connected():
+    from flux_core.canny import canny
+
+    image = torch.zeros(1, 32, 64, 3)
+    image[:, 8:24, 4:12] = 1.0  # strong half of one shape
+    image[:, 8:24, 12:20] = 0.3  # its weak half, connected to the strong one
+    image[:, 8:24, 40:56] = 0.3  # a weak shape alone
+    edges = canny(image, low=0.1, high=0.8)[0, ..., 0]
+    assert edges[:, 14:19].sum() > 0  # the weak outline joined to the strong one survives
+    assert edges[:, 32:].sum() == 0  # the isolated weak outline does not
+    assert canny(image, low=0.1, high=0.1)[0, :, 32:, 0].sum() > 0  # unless it clears the high threshold
+    with pytest.raises(ValueError, match="low <= high"):
+        canny(image, low=0.5, high=0.2)
