@@ -135,7 +135,7 @@ def _page_lock(flat: Tensor) -> None:
     cudart = torch.cuda.cudart()
     if int(cudart.cudaHostRegister(flat.data_ptr(), flat.nbytes, 0)) != 0:
         raise RuntimeError(f"cudaHostRegister of {flat.nbytes / GiB:.2f} GiB failed: not enough lockable RAM?")
-    weakref.finalize(flat.untyped_storage(), cudart.cudaHostUnregister, flat.data_ptr())
+    weakref.finalize(flat, cudart.cudaHostUnregister, flat.data_ptr())
 
 
 class Placement:

@@ -88,3 +88,78 @@ def test_autoencoder_on_gpu_runs_channels_last_and_computes_the_cpu_function(mon
     assert relative_error(gpu_latent.cpu(), latent) < 1e-5
     assert relative_error(gpu_decoded.cpu(), decoded) < 1e-5
     assert relative_error(half.cpu(), decoded) < 0.05
+
+
+def _tiny_bf16(fp8: str | None, seed: int = 0):
+    """A bf16 tiny Flux on the CPU; fp8: Linear weights float8_e4m3fn with a scale, "matmul" with fp8 matmuls."""
+    from test_streaming import tiny_model
+
+    model = tiny_model(seed).to(torch.bfloat16)
+    if fp8:
+        for m in model.modules():
+            if isinstance(m, Linear):
+                m.weight.data = m.weight.data.to(torch.float8_e4m3fn)
+                m.set_weight_scale(torch.tensor(0.9))
+        if fp8 == "matmul":
+            assert enable_fp8_matmul(model) > 0
+    return model
+
+
+@pytest.mark.parametrize("fp8", [None, "upcast", "matmul"])
+@pytest.mark.parametrize("ahead", [1, 2])
+def test_streamed_on_cuda_is_bit_exact_with_the_resident_model_eager_and_compiled(fp8, ahead):
+    from test_streaming import block_budget
+
+    from flux_core.streaming import place, unload
+
+    torch._dynamo.reset()
+    cpu_model = _tiny_bf16(fp8)
+    gpu_model = _tiny_bf16(fp8).to(CUDA)
+    x = {k: v.to(CUDA, torch.bfloat16) if v is not None else None for k, v in tiny_inputs(cpu_model.params, batch=2).items()}
+    with torch.inference_mode():
+        expected = gpu_model(**x)
+        placement = place(cpu_model, CUDA, cpu_model.blocks(), budget_bytes=block_budget(cpu_model, 4) + ahead * 10**6, ahead=ahead)
+        assert len(placement.streamed) >= 3 and all(p.is_cuda for p in cpu_model.blocks()[0].parameters())
+        assert all(placement.blocks[i].flat.is_pinned() for i in placement.streamed)
+        outs = [cpu_model(**x) for _ in range(3)]
+        compiled = cpu_model.twin().compile_blocks()
+        graphs = [compiled(**x) for _ in range(2)]
+        frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        graphs += [compiled(**x) for _ in range(2)]
+    assert all(torch.equal(o, expected) for o in outs)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == frames  # no recompiles once warm
+    reference = gpu_model.twin().compile_blocks()
+    with torch.inference_mode():
+        assert all(torch.equal(g, reference(**x)) for g in graphs)
+    unload(cpu_model)
+    torch._dynamo.reset()
+
+
+def test_streamed_training_on_cuda_matches_the_resident_gradients():
+    from test_streaming import block_budget
+
+    from flux_core.streaming import place, unload
+
+    cpu_model = Flux(tiny_params(depth=3, depth_single_blocks=4))
+    gpu_model = Flux(cpu_model.params).to(CUDA)
+    gpu_model.load_state_dict(cpu_model.state_dict())
+    place(cpu_model, CUDA, cpu_model.blocks(), budget_bytes=block_budget(cpu_model, 5))
+    x = {k: v.to(CUDA) if v is not None else None for k, v in tiny_inputs(cpu_model.params, batch=2).items()}
+    for model in (gpu_model, cpu_model):
+        model(**x).square().mean().backward()
+    for (name, a), b in zip(gpu_model.named_parameters(), cpu_model.parameters()):
+        assert b.grad is not None and relative_error(b.grad, a.grad.cpu()) < 1e-4, name
+    unload(cpu_model)
+
+
+def test_placing_a_second_transformer_unloads_the_first():
+    from flux_core.streaming import placement_of, transformer_on, unload
+
+    first, second = Flux(tiny_params()), Flux(tiny_params())
+    transformer_on(first, CUDA, 1, 12, 5)
+    on_gpu = torch.cuda.memory_allocated()
+    assert next(first.parameters()).is_cuda
+    transformer_on(second, CUDA, 1, 12, 5)
+    assert not any(p.is_cuda for p in first.parameters()) and all(p.is_cuda for p in second.parameters())
+    assert torch.cuda.memory_allocated() <= on_gpu and not placement_of(first).resident
+    unload(second)
