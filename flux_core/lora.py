@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from .checkpoint import CheckpointError, identify, load_safetensors, read_header, wrong_file_error
 from .conditioning import TextEncoders
+from .gguf import GGUFLinear, dequantize
 from .loading import _DIFFUSERS_DOUBLE, _DIFFUSERS_SINGLE, _DIFFUSERS_TOP
 from .model import Flux
 from .ops import FP8_DTYPES, Linear
@@ -65,6 +66,7 @@ class Lora:
 
     name: str
     modules: dict[str, dict[str, Tensor]]  # e.g. "lora_unet_img_in" -> {"down": .., "up": .., "alpha": ..}
+    keys: dict[str, list[str]]  # module -> its keys in the file
     stray: dict[str, str]  # key -> why it is no usable adapter part
 
 
@@ -101,18 +103,19 @@ def read_lora(path: str | os.PathLike) -> Lora:
 
 def parse_lora(state_dict: dict[str, Tensor], name: str = "LoRA") -> Lora:
     """Group keys into adapters: "<module>.<part>" where part is e.g. lora_down.weight, alpha, hada_w1_a."""
-    modules, stray = defaultdict(dict), {}
+    modules, keys, stray = defaultdict(dict), defaultdict(list), {}
     for key, tensor in state_dict.items():
         module, part = _split(key)
         if part in _PARTS and module:
             modules[module][_PARTS[part]] = tensor
+            keys[module].append(key)
         else:
             stray[key] = f"{_KNOWN_UNSUPPORTED[part]} is not supported" if part in _KNOWN_UNSUPPORTED else "not an adapter part"
     for module, parts in list(modules.items()):
         if _kind(parts) is None:
-            stray.update(dict.fromkeys((f"{module}.{p}" for p in parts), "incomplete adapter"))
+            stray.update(dict.fromkeys(keys.pop(module), "incomplete adapter"))
             del modules[module]
-    return Lora(name, dict(modules), stray)
+    return Lora(name, dict(modules), dict(keys), stray)
 
 
 def _split(key: str) -> tuple[str, str]:
@@ -279,7 +282,8 @@ def _patch(layer: Linear, changes: list[_Change], compute_dtype: torch.dtype) ->
         for c in (c for c in changes if c.bias is not None):
             bias[c.rows] += c.bias
         layer.bias = nn.Parameter(bias.to(compute_dtype if layer.bias is None else layer.bias.dtype), requires_grad=False)
-    if weight.dtype in FP8_DTYPES and all(c.dense is None for c in changes):
+    gguf = isinstance(layer, GGUFLinear)  # quantised blocks: like fp8, never re-rounded
+    if (weight.dtype in FP8_DTYPES or gguf) and all(c.dense is None for c in changes):
         low_rank = [c for c in changes if c.down is not None]
         if low_rank:
             down = torch.cat([c.down for c in low_rank])  # (R, in): all ranks side by side
@@ -292,7 +296,7 @@ def _patch(layer: Linear, changes: list[_Change], compute_dtype: torch.dtype) ->
                 down, up = torch.cat((layer.lora_down.to(work), down)), torch.cat((layer.lora_up.to(work), up), dim=1)
             layer.lora_down, layer.lora_up = down.to(compute_dtype), up.to(compute_dtype)
         return "side path"
-    merged = weight.to(work, copy=True)
+    merged = dequantize(weight, layer.qtype, work) if gguf else weight.to(work, copy=True)
     if layer.weight_scale is not None:
         merged.mul_(layer.weight_scale)
     for c in changes:
@@ -301,17 +305,18 @@ def _patch(layer: Linear, changes: list[_Change], compute_dtype: torch.dtype) ->
             view += c.dense
         if c.down is not None:
             view.addmm_(c.up, c.down)
-    narrow = weight.dtype in FP8_DTYPES  # a full-rank change to fp8 weights: kept in the compute dtype instead
+    narrow = weight.dtype in FP8_DTYPES or gguf  # a full-rank change to fp8/GGUF weights: kept in the compute dtype
     layer.weight = nn.Parameter(merged.to(compute_dtype if narrow else weight.dtype), requires_grad=False)
     if narrow:
         layer.weight_scale, layer.fp8_matmul = None, False
+        layer.__class__ = Linear  # a GGUF layer's merged weight is a plain float one
     return "merged"
 
 
 def _match(lora: Lora, flux_names: dict, clip_names: dict | None, report: LoraReport):
     """([(module, target)] on Flux, the same on CLIP-L); keys that match nothing go to the report or raise."""
     flux, text, unmatched = [], [], []
-    for module, parts in lora.modules.items():
+    for module in lora.modules:
         why = None
         if (target := _resolve(module, flux_names)) is not None:
             flux.append((module, target))
@@ -326,7 +331,7 @@ def _match(lora: Lora, flux_names: dict, clip_names: dict | None, report: LoraRe
             unmatched.append(module)
             why = "no such layer in this model"
         if why:
-            report.skipped.update(dict.fromkeys((f"{module}.{p}" for p in parts), why))
+            report.skipped.update(dict.fromkeys(lora.keys[module], why))
     if not lora.modules:
         raise CheckpointError(f"{lora.name} holds no LoRA adapters ({len(lora.stray)} keys, e.g. {next(iter(lora.stray), '-')})")
     other = next((what for fragments, what in _OTHER_MODELS if any(f in m for m in unmatched for f in fragments)), None)
@@ -394,7 +399,7 @@ def apply_loras(
     twin = model.twin()
     modes = {layer: _patch(twin.get_submodule(layer), c, dtypes[0]) for layer, c in changes[0].items()}
     for lora, report, ((_, flux, _), _) in plans:
-        report.modes = dict(Counter(modes[t[0]] for t in {t for _, t in flux} if t[0] in modes))
+        report.modes = dict(Counter(modes[layer] for layer in {t[0] for _, t in flux} if layer in modes))
     twin.description = getattr(model, "description", "Flux") + "; LoRAs: " + ", ".join(f"{lo.name} ({s:g})" for lo, s, _ in loras)
     if not changes[1]:
         return twin, text_encoders, [report for _, report, _ in plans]
