@@ -326,6 +326,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--measure-activations", action="store_true")
+    parser.add_argument("--compare", type=Path, nargs="*", default=[], help="other runs' JSON to merge into the table")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "vram.json")
     args = parser.parse_args()
     if args.tiny:
@@ -353,7 +354,9 @@ def main() -> None:
                       f"{r.get('placement', '')} ({time.perf_counter() - start:.0f} s)", flush=True)  # fmt: skip
                 args.out.parent.mkdir(parents=True, exist_ok=True)
                 args.out.write_text(json.dumps(report, indent=1))
-    print(table(results, report["pinned_gib_s"]))
+    for other in args.compare:
+        results.update(json.loads(other.read_text())["results"])
+    print(table(dict(sorted(results.items(), key=lambda kv: float(kv[0].split("/")[0]) if kv[0][0] != "N" else 0)), report["pinned_gib_s"]))
 
 
 if __name__ == "__main__":
