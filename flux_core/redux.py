@@ -71,6 +71,9 @@ def load_siglip(path, dtype: torch.dtype = torch.float32, device="cpu"):
     missing, unexpected = model.load_state_dict({prefix + k: v.to(dtype) for k, v in state_dict.items()}, assign=True, strict=False)
     if missing or unexpected:
         raise CheckpointError(f"{path} does not match SigLIP: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    for name, buffer in list(model.named_buffers()):  # position_ids: computed, in no file
+        owner, _, attr = name.rpartition(".")
+        model.get_submodule(owner).register_buffer(attr, torch.arange(buffer.shape[-1]).expand(buffer.shape), persistent=False)
     return model.to(device).eval().requires_grad_(False)
 
 

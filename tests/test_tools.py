@@ -15,6 +15,7 @@ from flux_core.tools import (
 )  # fmt: skip
 from tiny_ae import bfl_to_diffusers_vae, diffusers_vae_config, random_ae_weights, tiny_ae_params
 from tiny_flux import bfl_to_diffusers, diffusers_config, random_weights, tiny_params
+from tiny_tools import tiny_siglip_config, write_redux, write_siglip
 
 WIDTH, HEIGHT, STEPS = 64, 48, 3
 
@@ -269,3 +270,70 @@ def test_canny_hysteresis_keeps_weak_edges_only_when_connected():
     assert canny(image, low=0.1, high=0.1)[0, :, 32:, 0].sum() > 0  # unless it clears the high threshold
     with pytest.raises(ValueError, match="low <= high"):
         canny(image, low=0.5, high=0.2)
+
+
+# -- Redux ----------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def redux_files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("redux")
+    siglip, redux = root / "sigclip_vision_patch14_384.safetensors", root / "flux1-redux-dev.safetensors"
+    return siglip, write_siglip(siglip), redux, write_redux(redux)
+
+
+@pytest.fixture(scope="module")
+def redux(redux_files):
+    from flux_core.redux import Redux, load_redux_projector, load_siglip
+
+    return Redux(load_siglip(redux_files[0]), load_redux_projector(redux_files[2]))
+
+
+def test_redux_matches_diffusers(redux_files, redux):
+    from diffusers import FluxPriorReduxPipeline
+    from diffusers.pipelines.flux.modeling_flux import ReduxImageEncoder
+    from PIL import Image
+    from transformers import SiglipImageProcessor, SiglipVisionModel
+
+    _, siglip_weights, _, redux_weights = redux_files
+    siglip = SiglipVisionModel(tiny_siglip_config()).eval()
+    siglip.load_state_dict({k.removeprefix("vision_model."): v for k, v in siglip_weights.items()}, strict=False)
+    embedder = ReduxImageEncoder(redux_dim=144, txt_in_features=48)
+    embedder.load_state_dict(redux_weights)
+    processor = SiglipImageProcessor(size={"height": 28, "width": 28}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    pipe = FluxPriorReduxPipeline(siglip, processor, embedder)
+    image = unit_image(28, 28, seed=6)
+    txt = torch.randn(1, 5, 48)
+    pil = Image.fromarray((image[0] * 255).round().byte().numpy())
+    # the pipeline's own image path (its __call__ appends to zeros of T5-XXL's width when no text encoder is loaded)
+    expected = torch.cat((txt, pipe.image_embedder(pipe.encode_image(pil, torch.device("cpu"), 1)).image_embeds), 1)
+    got = redux.extend(txt, image)
+    assert got.shape == (1, 5 + 4, 48)  # a 2x2 patch grid -> 4 image tokens after the prompt's
+    torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-5)
+
+
+def test_redux_strength_and_downsampling(redux):
+    image = unit_image(28, 28, seed=7)
+    full = redux.tokens(image)
+    torch.testing.assert_close(redux.tokens(image, strength=0.5), full * 0.5)
+    pooled = redux.tokens(image, downsampling=2)  # the 2x2 grid area-averaged to one token
+    torch.testing.assert_close(pooled, full.mean(1, keepdim=True), atol=1e-6, rtol=1e-5)
+    two = redux.tokens(torch.cat([image, unit_image(28, 28, seed=8)]))
+    assert two.shape == (1, 8, 48)  # several images: one sequence, as StyleModelApply
+
+
+def test_redux_preprocess_crops_the_centre(redux):
+    from flux_core.redux import siglip_pixels
+
+    wide = torch.zeros(1, 28, 56, 3)
+    wide[:, :, 14:42] = 1  # the centre square is white, the sides black
+    assert siglip_pixels(wide, 28).min() > 0.9 and siglip_pixels(wide, 28, crop=False).min() < -0.9
+
+
+def test_redux_files_are_checked(redux_files, tmp_path):
+    from flux_core.checkpoint import CheckpointError
+    from flux_core.redux import load_redux_projector, load_siglip
+
+    siglip, _, projector, _ = redux_files
+    with pytest.raises(CheckpointError, match="not a Redux projector.*flux1-redux-dev.safetensors"):
+        load_redux_projector(siglip)
+    with pytest.raises(CheckpointError, match="not a SigLIP vision model.*sigclip_vision_patch14_384"):
+        load_siglip(projector)
