@@ -1,6 +1,8 @@
 """flux_core.seq2seq: training falls, resume is bit-identical, sampling is seeded, the time convention is shared
 with the image sampler, any token widths, the CLI end to end. Tiny models only."""
 import json
+import re
+from dataclasses import fields
 
 import pytest
 import torch
@@ -13,8 +15,8 @@ from flux_core.sampling import FlowMatch, grid_ids, sequence_ids
 from flux_core.seq2seq import (
     Batch, Layout, Seq2Seq, ShapeTask, TensorTask, Trainer, TrainConfig, load_run, position_ids, sample,
 )  # fmt: skip
-from flux_core.seq2seq.__main__ import main
-from flux_core.seq2seq.demo import chamfer, draw_conditions, shape_condition, shape_points
+from flux_core.seq2seq.__main__ import _parser, main
+from flux_core.seq2seq.demo import DEMO_THREADS, chamfer, compare, draw_conditions, shape_condition, shape_points
 
 TINY = dict(vec_in_dim=0, hidden_size=16, mlp_ratio=2.0, num_heads=2, depth=1, depth_single_blocks=1,
             axes_dim=[2, 2, 4], theta=10_000, qkv_bias=True, guidance_embed=False)  # fmt: skip
@@ -141,6 +143,8 @@ def test_any_widths_grid_ids_and_pooled_y(tmp_path):
     assert 0 < loss < 100
     with pytest.raises(ValueError, match="pass y"):
         sample(run, tensors["cond"][:2], seed=0, steps=2)
+    with pytest.raises(ValueError, match=r"y must be \(batch, 4\)"):
+        sample(run, tensors["cond"][:2], seed=0, steps=2, y=tensors["y"][:2, :3])
 
 
 def test_position_ids():
@@ -185,17 +189,112 @@ def test_demo_task_metric_is_honest():
 def test_cli_train_resume_sample_eval(tmp_path, capsys):
     run = str(tmp_path / "run")
     tiny = ["--set", "hidden_size=16", "--set", "num_heads=2", "--set", "axes_dim=[2,2,4]"]
-    main(["train", "--run", run, "--steps", "2", "--batch-size", "2", *tiny])
-    with pytest.raises(SystemExit, match="already holds a run"):
-        main(["train", "--run", run, "--steps", "2"])
-    main(["train", "--run", run, "--resume", "--steps", "3"])
-    assert json.loads((tmp_path / "run" / "train_state.json").read_text())["step"] == 3
-    main(["sample", "--run", run, "--shapes", "2", "--steps", "2", "--out", str(tmp_path / "points.safetensors")])
+    assert main(["train", "--run", run, "--steps", "2", "--batch-size", "2", *tiny]) == 0
+    assert "already holds a run" in cli_error(["train", "--run", run, "--steps", "2"], capsys)
+    assert main(["train", "--run", run, "--resume", "--steps", "3"]) == 0
+    losses = json.loads((tmp_path / "run" / "train_state.json").read_text())["losses"]
+    assert len(losses) == 3
+    # the bar and the final line report one quantity, labelled the same: the mean of the last 20 steps
+    out, err = capsys.readouterr()
+    assert f"loss {sum(losses[-20:]) / len(losses[-20:]):.4f} (mean of last 20 steps)" in out.splitlines()[-1]
+    assert "(mean of last 20 steps)" in err
+    assert "drop --set, --lr" in cli_error(["train", "--run", run, "--resume", "--lr", "0.1", *tiny[:2]], capsys)
+    assert "already at step 3" in cli_error(["train", "--run", run, "--resume"], capsys)
+
+    points = str(tmp_path / "points.safetensors")
+    assert main(["sample", "--run", run, "--shapes", "2", "--steps", "2", "--out", points]) == 0
     assert (tmp_path / "points.png").is_file()
+    assert "exists" in cli_error(["sample", "--run", run, "--shapes", "2", "--out", points], capsys)
     capsys.readouterr()
-    main(["eval", "--run", run, "--steps", "2"])
-    assert json.loads(capsys.readouterr().out)["chamfer"] > 0
+    torch.set_num_threads(2)  # eval and sample take the demo's thread count unless told
+    assert main(["eval", "--run", run, "--steps", "2"]) == 0
+    assert torch.get_num_threads() == DEMO_THREADS
+    out, err = capsys.readouterr()
+    assert json.loads(out)["chamfer"] > 0
+    assert "eval run: 100%" in err and "64/64" in err and "chamfer=" in err and "eval took" in err  # no silent wait
     assert preset("seq2seq-demo").depth_single_blocks == 0
+
+
+def cli_error(argv: list[str], capsys) -> str:
+    """Run the CLI expecting a user error: a non-zero exit and one line on stderr, never a traceback."""
+    capsys.readouterr()
+    try:
+        code = main(argv)
+    except SystemExit as e:  # argparse's own errors (exit 2)
+        code = e.code
+    err = capsys.readouterr().err.strip()
+    assert code and len(err.splitlines()) == 1 and "Traceback" not in err, (code, err)
+    return err
+
+
+BAD_CLI_INPUT = {  # argv after `train --run RUN`, files in tmp_path, -> words the error must say
+    "2-D cond": (["--data", "{tmp}/flat.safetensors"], "cond must be (N, Lc, Cc)"),
+    "NaN data": (["--data", "{tmp}/nan.safetensors"], "data holds NaN or infinite values (first at item 3)"),
+    "no file": (["--data", "{tmp}/missing.safetensors"], "no such file"),
+    "grid misfit": (["--data", "{tmp}/pairs.safetensors", "--data-ids", "grid:3x3"], "data tokens: layout grid:3x3"),
+    "holdout": (["--data", "{tmp}/pairs.safetensors", "--holdout", "1"], "holdout must be a fraction in [0, 1)"),
+    "ids, no data": (["--cond-ids", "set"], "--cond-ids: only for a --data file"),
+    "set not JSON": (["--set", "hidden_size=abc"], "hidden_size takes a finite int written as JSON"),
+    "set float": (["--set", "hidden_size=1.5"], "hidden_size takes a finite int"),
+    "set NaN": (["--set", "mlp_ratio=NaN"], "mlp_ratio takes a finite float"),
+    "set unknown": (["--set", "width=3"], "'width' is not a FluxParams field"),
+    "set width": (["--set", "in_channels=3"], "'in_channels' is set from the data's token widths"),
+    "set misfit": (["--set", "num_heads=5"], "not divisible by num_heads 5"),
+    "config": (["--batch-size", "0", "--lr", "nan"], "batch_size must be >= 1, got 0; lr must be > 0, got nan"),
+    "time dist": (["--time-dist", "normal"], "time_dist must be one of uniform, logit_normal, beta"),
+    "not an int": (["--steps", "many"], "argument --steps: invalid int value"),
+    "preset": (["--preset", "flux-3"], "argument --preset: invalid choice"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_CLI_INPUT)
+def test_cli_bad_input_is_one_line(case, tmp_path, capsys):
+    generator = torch.Generator().manual_seed(0)
+    pairs = {"cond": torch.randn(10, 3, 5, generator=generator), "data": torch.randn(10, 6, 3, generator=generator)}
+    save_file(pairs, tmp_path / "pairs.safetensors")
+    save_file({**pairs, "cond": pairs["cond"][:, 0].contiguous()}, tmp_path / "flat.safetensors")
+    nan = pairs["data"].index_fill(0, torch.tensor([3]), float("nan"))
+    save_file({**pairs, "data": nan}, tmp_path / "nan.safetensors")
+    argv, words = BAD_CLI_INPUT[case]
+    error = cli_error(["train", "--run", str(tmp_path / "run"), *(a.format(tmp=tmp_path) for a in argv)], capsys)
+    assert words in error
+    assert not (tmp_path / "run" / "train_state.json").exists()
+
+
+def test_cli_user_errors_outside_train_are_one_line(tmp_path, capsys):
+    assert "is not a seq2seq run" in cli_error(["eval", "--run", str(tmp_path)], capsys)
+    assert "must be a whole number >= 1" in cli_error(["sample", "--run", str(tmp_path), "--shapes", "0",
+                                                        "--out", str(tmp_path / "x.safetensors")], capsys)  # fmt: skip
+    assert "must be a whole number >= 1" in cli_error(["eval", "--run", str(tmp_path), "--threads", "0"], capsys)
+
+
+def test_demo_evaluation_shows_progress(capsys):
+    """The demo's evaluation samples 64 shapes four ways: each shows a bar with its time and result."""
+    trainer = tiny_trainer(steps=1)
+    compare(trainer.task, trainer.ema_run(), trainer.ema_run(), steps=2)
+    err = capsys.readouterr().err
+    for name in ("trained", "trained_heun", "untrained"):
+        assert re.search(rf"eval {name}: 100%.*64/64 \[\d\d:\d\d<.*chamfer=0\.\d{{4}}", err), name
+    assert "eval baselines: 100%" in err
+    compare(trainer.task, trainer.ema_run(), trainer.ema_run(), steps=2, progress=False)
+    assert capsys.readouterr().err == ""
+
+
+def test_cli_help_shows_every_default(capsys):
+    no_default = {"-h,", "--run", "--data", "--cond", "--shapes", "--out", "--data-len"}  # required, or "none: ..."
+    for command in ("demo", "train", "sample", "eval"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        options = capsys.readouterr().out.split("\noptions:\n")[1]
+        entries = [" ".join(entry.split()) for entry in re.split(r"\n  (?=-)", options)]
+        for entry in entries:
+            flag, *words = entry.split()
+            assert len(words) >= 3, f"{command} {flag} has no help"
+            assert flag in no_default or "(default: " in entry, f"{command} {flag} shows no default"
+        if command == "train":
+            assert len(entries) > len(fields(TrainConfig)) + 10
+            assert any(e.startswith("--steps STEPS") and "(default: 1000; shapes task: 2500)" in e for e in entries)
+    assert _parser().parse_args(["sample", "--run", "r", "--shapes", "1", "--out", "o"]).threads == DEMO_THREADS
 
 
 def test_cli_on_your_own_tensors(tmp_path, capsys):

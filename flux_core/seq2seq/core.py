@@ -134,6 +134,11 @@ def sample(
         raise ValueError(f"condition tokens must be (batch, tokens, {params.context_in_dim}), got {tuple(cond.shape)}")
     if method not in SOLVERS:
         raise ValueError(f"unknown sampling method {method!r}; use one of {', '.join(SOLVERS)}")
+    if y is not None and (not params.vec_in_dim or y.shape != (cond.shape[0], params.vec_in_dim)):
+        wanted = f"y must be (batch, {params.vec_in_dim})" if params.vec_in_dim else "this model takes no y"
+        raise ValueError(f"pooled vector y {tuple(y.shape)} for {cond.shape[0]} conditions: {wanted}")
+    if data_len is not None and data_len < 1:
+        raise ValueError(f"data_len must be >= 1, got {data_len}")
     batch, length = cond.shape[0], data_len or layout.data_len
     group = layout.data_len if layout.iid_tokens and length > layout.data_len else length
     groups = -(-length // group)
@@ -177,7 +182,10 @@ def read_params(run_dir: str | os.PathLike) -> dict:
     if not path.is_file():
         raise CheckpointError(f"{run_dir} is not a seq2seq run: it has no {PARAMS_FILE}. Train one with "
                               "`python -m flux_core.seq2seq train --run DIR` (or `demo`).")  # fmt: skip
-    return json.loads(path.read_text())
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e}); retrain the run or restore the file") from None
 
 
 def load_run(

@@ -16,12 +16,15 @@ a fresh true set, over held-out conditions drawn from a seed no training stream 
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import torch
 from torch import Tensor
+from tqdm import tqdm
 
 from ..model import preset
 from ..pipeline import seeded_noise
@@ -124,16 +127,20 @@ class ShapeTask:
         return cond, shape_points(cond, self.num_points, generator, self.jitter), generator
 
     def evaluate(
-        self, run: Seq2Seq, steps: int, seed: int, method: str = "euler", count: int = EVAL_COUNT
+        self, run: Seq2Seq, steps: int, seed: int, method: str = "euler", count: int = EVAL_COUNT, label: str = ""
     ) -> dict[str, float]:
-        """Mean Chamfer distance over `count` held-out conditions; condition k is sampled from seed + k."""
+        """Mean Chamfer distance over `count` held-out conditions; condition k is sampled from seed + k. With a
+        label, a progress bar of that name shows the shapes sampled, the time taken and the result."""
         cond, truth, _ = self.held_out(count, seed)
-        chunk = 8
-        generated = [
-            sample(run, c, seed + i * chunk, steps, data_len=self.num_points, method=method)
-            for i, c in enumerate(cond.split(chunk))
-        ]
-        return {"chamfer": chamfer(torch.cat(generated), truth).mean().item()}
+        chunk, generated = 8, []
+        with tqdm(total=count, desc=f"eval {label}", unit="shape", disable=not label) as bar:
+            for i, c in enumerate(cond.split(chunk)):
+                generated.append(sample(run, c, seed + i * chunk, steps, data_len=self.num_points, method=method))
+                bar.update(len(c))
+            bar.set_postfix_str("scoring")
+            score = chamfer(torch.cat(generated), truth).mean().item()
+            bar.set_postfix(chamfer=f"{score:.4f}")
+        return {"chamfer": score}
 
     def baselines(self, seed: int, count: int = EVAL_COUNT) -> dict[str, float]:
         """Chamfer of reference predictors on the same held-out conditions as `evaluate`:
@@ -178,14 +185,17 @@ def plot(points: Tensor, path: str) -> None:
     Image.fromarray(render(points).numpy()).save(path)
 
 
-def compare(task: ShapeTask, trained: Seq2Seq, untrained: Seq2Seq, seed: int = 0, steps: int = EVAL_STEPS) -> dict:
+def compare(
+    task: ShapeTask, trained: Seq2Seq, untrained: Seq2Seq, seed: int = 0, steps: int = EVAL_STEPS, progress: bool = True
+) -> dict:
     """Chamfer of the trained and untrained model and of the baselines on the same held-out conditions."""
-    chamfer_of = {
-        "trained": task.evaluate(trained, steps, seed)["chamfer"],
-        "trained_heun": task.evaluate(trained, steps // 2, seed, method="heun")["chamfer"],  # about as many calls
-        "untrained": task.evaluate(untrained, steps, seed)["chamfer"],
-        **task.baselines(seed),
-    }
+    runs = {"trained": (trained, steps, "euler"), "trained_heun": (trained, steps // 2, "heun"),  # about as many calls
+            "untrained": (untrained, steps, "euler")}  # fmt: skip
+    chamfer_of = {name: task.evaluate(run, run_steps, seed, method, label=name if progress else "")["chamfer"]
+                  for name, (run, run_steps, method) in runs.items()}  # fmt: skip
+    with tqdm(total=1, desc="eval baselines", disable=not progress) as bar:
+        chamfer_of.update(task.baselines(seed))
+        bar.update()
     best = chamfer_of["trained"]
     return {
         "chamfer": {k: round(v, 5) for k, v in chamfer_of.items()},
@@ -202,13 +212,18 @@ def run_demo(run_dir: str | os.PathLike, steps: int = DEMO_TRAIN.steps, seed: in
     task = ShapeTask()
     trainer = Trainer(preset(DEMO_PRESET), task, replace(DEMO_TRAIN, steps=steps))
     untrained = Seq2Seq(init_model(preset(DEMO_PRESET), DEMO_TRAIN.seed), task.layout, trainer.run.flow)  # same init
+    say = partial(print, file=sys.stderr, flush=True) if progress else lambda *_: None
+    say(f"train: {steps} steps on the shapes task, {torch.get_num_threads()} CPU thread(s) (about 4 min on one)")
     start = time.time()
     trainer.train(run_dir, progress=progress)
     train_seconds = time.time() - start
+    say(f"evaluate: sample {EVAL_COUNT} held-out shapes with the trained model (Euler and Heun) and the untrained "
+        "one, then score them and the baselines by Chamfer distance (about 1.5 min on one thread)")  # fmt: skip
     trained = load_run(run_dir)
     results = {"steps": trainer.step, "train_seconds": round(train_seconds, 1), "threads": torch.get_num_threads(),
-               **compare(task, trained, untrained, seed)}  # fmt: skip
+               **compare(task, trained, untrained, seed, progress=progress)}  # fmt: skip
     results["eval_seconds"] = round(time.time() - start - train_seconds, 1)
+    say(f"evaluate took {results['eval_seconds']:.0f} s; drawing samples.png")
     Path(run_dir, "eval.json").write_text(json.dumps(results, indent=1))
     cond = task.held_out(16, seed)[0]
     plot(sample(trained, cond, seed, EVAL_STEPS, data_len=task.num_points), str(Path(run_dir, "samples.png")))

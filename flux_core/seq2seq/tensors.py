@@ -5,7 +5,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import load_safetensors
-from .core import Batch, Layout, Seq2Seq, validation_loss
+from .core import Batch, Layout, Seq2Seq, position_ids, validation_loss
 
 
 class TensorTask:
@@ -17,6 +17,8 @@ class TensorTask:
     def __init__(
         self, path: str | os.PathLike, data_ids: str = "sequence", cond_ids: str = "sequence", holdout: float = 0.1
     ):
+        if not 0 <= holdout < 1:
+            raise ValueError(f"holdout must be a fraction in [0, 1), got {holdout}")
         self.path, self.holdout = Path(path), holdout
         tensors = load_safetensors(self.path)
         missing = {"cond", "data"} - set(tensors)
@@ -33,6 +35,17 @@ class TensorTask:
                              f"got {tuple(self.cond.shape)} and {tuple(self.data.shape)}")  # fmt: skip
         if self.y is not None and (self.y.ndim != 2 or self.y.shape[0] != count):
             raise ValueError(f"{self.path.name}: y must be (N, V) with N = {count}, got {tuple(self.y.shape)}")
+        for name, tensor in (("cond", self.cond), ("data", self.data), ("y", self.y)):
+            if tensor is not None and tensor.numel() == 0:
+                raise ValueError(f"{self.path.name}: {name} {tuple(tensor.shape)} is empty; every size must be >= 1")
+            if tensor is not None and not tensor.isfinite().all():
+                item = (~tensor.isfinite()).flatten(1).any(1).nonzero()[0, 0].item()
+                raise ValueError(f"{self.path.name}: {name} holds NaN or infinite values (first at item {item})")
+        for role, kind, length in (("data", data_ids, self.data.shape[1]), ("cond", cond_ids, self.cond.shape[1])):
+            try:  # a layout that does not fit fails here, not in the first training step
+                position_ids(kind, length, n_axes=2)
+            except ValueError as e:
+                raise ValueError(f"{self.path.name}: {role} tokens: {e}") from None
         self.train_count = count - round(count * holdout)
         if not 0 < self.train_count:
             raise ValueError(f"holdout {holdout} leaves no training items out of {count}")

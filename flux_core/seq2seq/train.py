@@ -3,7 +3,7 @@ optional bf16 autocast, checkpoints that resume bit-identically (weights, EMA, o
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -16,27 +16,52 @@ from ..sampling import FlowMatch
 from .core import MODEL_FILE, Layout, Seq2Seq, Task, read_params, save_run, write_atomic
 
 STATE_FILE, TRAIN_STATE_FILE = "state.safetensors", "train_state.json"
+TIME_DISTRIBUTIONS = ("uniform", "logit_normal", "beta")  # FlowMatch.sample_t
+LOSS_WINDOW = 20  # steps averaged in the reported loss
+
+
+def option(default, doc: str):
+    """A TrainConfig field with its help text (shown by the CLI, where every field is an option)."""
+    return field(default=default, metadata={"help": doc})
 
 
 @dataclass
 class TrainConfig:
-    steps: int = 1000
-    batch_size: int = 16
-    grad_accum: int = 1  # micro-batches of batch_size per optimizer step
-    lr: float = 1e-3
-    warmup: int = 50  # steps of linear warmup, then cosine decay to lr * min_lr
-    min_lr: float = 0.1
-    weight_decay: float = 0.0
-    beta1: float = 0.9
-    beta2: float = 0.99
-    grad_clip: float = 1.0  # max global gradient norm; 0 disables
-    ema_decay: float = 0.995
-    bf16: bool = False  # bf16 autocast of the forward pass
-    time_dist: str = "logit_normal"  # uniform | logit_normal (a = mean, b = std) | beta (Beta(a, b))
-    time_a: float = 0.0
-    time_b: float = 1.0
-    seed: int = 0  # model init, data and noise streams
-    save_every: int = 0  # checkpoint every N steps when training into a run dir; 0: at the end only
+    steps: int = option(1000, "optimizer steps to train to")
+    batch_size: int = option(16, "items per micro-batch")
+    grad_accum: int = option(1, "micro-batches of batch_size per optimizer step")
+    lr: float = option(1e-3, "peak learning rate (AdamW)")
+    warmup: int = option(50, "steps of linear warmup, then cosine decay to lr * min_lr")
+    min_lr: float = option(0.1, "final learning rate as a fraction of lr")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    beta1: float = option(0.9, "AdamW beta1")
+    beta2: float = option(0.99, "AdamW beta2")
+    grad_clip: float = option(1.0, "max global gradient norm; 0 disables")
+    ema_decay: float = option(0.995, "decay of the EMA weights that are saved and sampled")
+    bf16: bool = option(False, "bf16 autocast of the forward pass")
+    time_dist: str = option("logit_normal", "training time distribution: " + " | ".join(TIME_DISTRIBUTIONS))
+    time_a: float = option(0.0, "logit_normal: mean; beta: Beta(a, b)'s a")
+    time_b: float = option(1.0, "logit_normal: std; beta: Beta(a, b)'s b")
+    seed: int = option(0, "seed of the model init, data and noise streams")
+    save_every: int = option(0, "checkpoint every N steps when training into a run dir; 0: at the end only")
+
+    def __post_init__(self):
+        """Refuse settings that would train nothing or train to NaN (NaN fails every comparison)."""
+        beta = self.time_dist == "beta"
+        rules = [
+            ("steps", self.steps >= 1, ">= 1"), ("batch_size", self.batch_size >= 1, ">= 1"),
+            ("grad_accum", self.grad_accum >= 1, ">= 1"), ("warmup", self.warmup >= 0, ">= 0"),
+            ("save_every", self.save_every >= 0, ">= 0"), ("lr", 0 < self.lr < math.inf, "> 0"),
+            ("min_lr", 0 <= self.min_lr <= 1, "in [0, 1]"), ("weight_decay", 0 <= self.weight_decay < math.inf, ">= 0"),
+            ("beta1", 0 <= self.beta1 < 1, "in [0, 1)"), ("beta2", 0 <= self.beta2 < 1, "in [0, 1)"),
+            ("grad_clip", 0 <= self.grad_clip < math.inf, ">= 0"), ("ema_decay", 0 <= self.ema_decay < 1, "in [0, 1)"),
+            ("time_dist", self.time_dist in TIME_DISTRIBUTIONS, "one of " + ", ".join(TIME_DISTRIBUTIONS)),
+            ("time_a", 0 < self.time_a < math.inf if beta else math.isfinite(self.time_a), "> 0" if beta else "finite"),
+            ("time_b", 0 < self.time_b < math.inf if beta else math.isfinite(self.time_b), "> 0" if beta else "finite"),
+        ]  # fmt: skip
+        problems = [f"{name} must be {rule}, got {getattr(self, name)!r}" for name, ok, rule in rules if not ok]
+        if problems:
+            raise ValueError("bad training settings: " + "; ".join(problems))
 
     def lr_at(self, step: int) -> float:
         if step < self.warmup:
@@ -118,13 +143,18 @@ class Trainer:
         with tqdm(total=end, initial=self.step, desc="train", unit="step", disable=not progress) as bar:
             while self.step < end:
                 self.train_step()
-                recent = self.losses[-20:]
-                bar.set_postfix(loss=f"{sum(recent) / len(recent):.4f}", lr=f"{self.config.lr_at(self.step):.1e}")
+                bar.set_postfix_str(f"loss {self.recent_loss():.4f} (mean of last {LOSS_WINDOW} steps), "
+                                    f"lr {self.config.lr_at(self.step):.1e}")  # fmt: skip
                 bar.update()
                 if run_dir is not None and every and self.step % every == 0 and self.step < end:
                     self.save(run_dir)
         if run_dir is not None:
             self.save(run_dir)
+
+    def recent_loss(self) -> float:
+        """The training loss averaged over the last LOSS_WINDOW steps (one step's loss is noisy)."""
+        recent = self.losses[-LOSS_WINDOW:]
+        return sum(recent) / len(recent) if recent else math.nan
 
     def ema_run(self) -> Seq2Seq:
         """A copy of the model holding the EMA weights, for sampling."""
@@ -156,7 +186,7 @@ class Trainer:
         known = {f.name for f in fields(TrainConfig)}
         config = TrainConfig(**{k: v for k, v in saved["config"].items() if k in known})
         if steps is not None:
-            config.steps = steps
+            config = replace(config, steps=steps)
         trainer = cls(FluxParams(**meta["flux"]), task, config, FlowMatch(**meta["flow"]), device)
         trainer.run.layout = Layout(**meta["layout"])  # the normalisation trained with, not a recomputed one
         state = load_safetensors(run_dir / STATE_FILE)
