@@ -7,6 +7,7 @@ import copy
 import importlib
 import json
 import os
+import signal
 import sys
 import time
 import traceback
@@ -180,6 +181,7 @@ def _prepare(args, defs: NodeDefs) -> tuple[dict, dict]:
 def main(argv=None, classes: dict | None = None, display_names: dict | None = None) -> int:
     """CLI entry. `classes`/`display_names` default to the pack's NODE_CLASS_MAPPINGS; the stand-ins are added."""
     args = _parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` cleans up (temporary files) as Ctrl+C does
     try:
         if args.command == "run":
             _select_device(args.device)

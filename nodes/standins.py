@@ -7,9 +7,10 @@ ComfyUI's `prefix_00001_.png` names, are written atomically and never replace an
 """
 import json
 import os
+import re
 import tempfile
-import uuid
 import time
+import uuid
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import numpy as np
@@ -21,6 +22,9 @@ from . import host
 
 MAX_RESOLUTION = 16384
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+NAME_MAX = 255  # bytes in one file name, on every common file system
+PART = re.compile(r"\.fluxkit-[0-9a-f]{32}\.part")  # our temporary files
+STALE_PART_SECONDS = 15 * 60  # a part file untouched this long was left by a killed run
 
 
 def inside(folder: Path, name: str, what: str) -> Path:
@@ -46,12 +50,26 @@ def next_counter(folder: Path, prefix: str) -> int:
     return highest + 1
 
 
+def _new_part(folder: Path) -> tuple[Path, int]:
+    """A new temporary file of ours in folder, open for writing."""
+    tmp = folder / f".fluxkit-{uuid.uuid4().hex}.part"
+    return tmp, os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)  # umask applies
+
+
+def sweep_parts(folder: Path) -> None:
+    """Removes temporary files of ours that a killed run left (untouched for STALE_PART_SECONDS)."""
+    old = time.time() - STALE_PART_SECONDS
+    for entry in os.scandir(folder):
+        if PART.fullmatch(entry.name) and entry.is_file(follow_symlinks=False) and entry.stat().st_mtime < old:
+            Path(entry.path).unlink(missing_ok=True)
+
+
 def write_new(folder: Path, prefix: str, write, suffix: str = ".png") -> Path:
     """Writes `prefix_NNNNN_<suffix>` with write(file): to a temporary file first, then hard-linked into place,
     which fails rather than replace a file that appeared meanwhile (then the next counter is taken)."""
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".fluxkit-{uuid.uuid4().hex}.part"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)  # umask applies
+    sweep_parts(folder)
+    tmp, fd = _new_part(folder)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -69,14 +87,46 @@ def write_new(folder: Path, prefix: str, write, suffix: str = ".png") -> Path:
         os.unlink(tmp)
 
 
+_DATE_PART = re.compile(r"dd?|MM?|hh?|mm?|ss?|yyy?y?")
+
+
+def _format_date(fmt: str, now: time.struct_time) -> str:
+    """The editor's %date:FORMAT%: yyyy, yy, MM, M, dd, d, hh, h (0-23), mm, m, ss, s; other text stays."""
+    values = {"d": now.tm_mday, "M": now.tm_mon, "h": now.tm_hour, "m": now.tm_min, "s": now.tm_sec}
+
+    def part(match: re.Match) -> str:
+        text = match.group()
+        if text in ("yyyy", "yy"):
+            return str(now.tm_year)[-len(text) :]
+        return str(values[text[0]]).zfill(len(text)) if text[0] in values else text
+
+    return _DATE_PART.sub(part, fmt)
+
+
 def _expand(prefix: str, width: int, height: int) -> str:
-    """ComfyUI's filename variables (%width%, %height%, %year% ... %second%)."""
+    """ComfyUI's filename variables: the server's %width%, %height%, %year% ... %second%, and %date:FORMAT%, which
+    ComfyUI's editor expands before queueing (so headless runs do it here)."""
     now = time.localtime()
+    prefix = re.sub(r"%date:([^%]*)%", lambda m: _format_date(m.group(1), now), prefix)
     values = {"width": width, "height": height, "year": now.tm_year, "month": f"{now.tm_mon:02}", "day": f"{now.tm_mday:02}",
               "hour": f"{now.tm_hour:02}", "minute": f"{now.tm_min:02}", "second": f"{now.tm_sec:02}"}  # fmt: skip
     for key, value in values.items():
         prefix = prefix.replace(f"%{key}%", str(value))
     return prefix
+
+
+def check_writable(folder: Path) -> None:
+    """Raises OSError unless a file can be made in folder, or in the nearest existing folder above it (where it will
+    be created). A real probe: permission bits tell neither root's nor a read-only mount's truth."""
+    base = next(p for p in (folder, *folder.parents) if p.exists())
+    if not base.is_dir():
+        raise NotADirectoryError(f"cannot save in {folder}: {base} is a file, not a folder")
+    try:
+        tmp, fd = _new_part(base)
+    except OSError as e:
+        raise PermissionError(f"cannot save in {folder}: {base} is not writable ({e.strerror}); use another folder") from None
+    os.close(fd)
+    tmp.unlink()
 
 
 class SaveImage:
@@ -99,14 +149,41 @@ class SaveImage:
             "hidden": {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"},
         }  # fmt: skip
 
-    def folder(self) -> Path:
+    @classmethod
+    def VALIDATE_INPUTS(cls, filename_prefix="ComfyUI"):
+        """The output target, checked before any model loads: a file name inside a folder we can write."""
+        try:
+            prefix = "ComfyUI" if filename_prefix is None else filename_prefix  # None: linked, known at run time
+            _, folder, _ = cls.target(prefix, MAX_RESOLUTION, MAX_RESOLUTION)  # the longest %width%, %height%
+            check_writable(folder)
+        except (ValueError, OSError) as e:
+            return str(e)
+        return True
+
+    @classmethod
+    def folder(cls) -> Path:
         return host.output_dir()
 
+    @classmethod
+    def target(cls, filename_prefix: str, width: int, height: int) -> tuple[Path, Path, str]:
+        """(root, folder, name) a prefix saves to: refuses names that leave the root, name no file, hold a NUL, or
+        do not fit the file system's 255-byte names once numbered."""
+        prefix = os.path.normpath(_expand(filename_prefix + cls.prefix_append, width, height))
+        if "\0" in prefix:
+            raise ValueError(f"filename_prefix {filename_prefix!r} holds a NUL character")
+        root = cls.folder()
+        folder = inside(root, os.path.dirname(prefix) or ".", "filename_prefix")
+        name = os.path.basename(prefix)
+        if name in ("", ".", ".."):
+            raise ValueError(f"filename_prefix {filename_prefix!r} names no file: end it with a name, e.g. ComfyUI")
+        for part in (*Path(os.path.dirname(prefix)).parts, f"{name}_00001_.png"):
+            if len(os.fsencode(part)) > NAME_MAX:
+                raise ValueError(f"filename_prefix makes the name {part[:24]!r}... of {len(os.fsencode(part))} bytes; "
+                                 f"file names hold at most {NAME_MAX}: shorten it")  # fmt: skip
+        return root, folder, name
+
     def save_images(self, images, filename_prefix="ComfyUI", prompt=None, extra_pnginfo=None):
-        prefix = _expand(filename_prefix + self.prefix_append, images.shape[2], images.shape[1])
-        root = self.folder()
-        folder = inside(root, os.path.dirname(os.path.normpath(prefix)) or ".", "filename_prefix")
-        name = os.path.basename(os.path.normpath(prefix))
+        root, folder, name = self.target(filename_prefix, images.shape[2], images.shape[1])
         metadata = PngInfo()
         if prompt is not None:
             metadata.add_text("prompt", json.dumps(prompt))
@@ -138,7 +215,8 @@ class PreviewImage(SaveImage):
     def INPUT_TYPES(cls):
         return {"required": {"images": ("IMAGE",)}, "hidden": {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"}}
 
-    def folder(self) -> Path:
+    @classmethod
+    def folder(cls) -> Path:
         return preview_dir()
 
 
@@ -197,7 +275,19 @@ class EmptySD3LatentImage:
         size = {"default": 1024, "min": 16, "max": MAX_RESOLUTION, "step": 16}
         return {"required": {"width": ("INT", size), "height": ("INT", size), "batch_size": ("INT", {"default": 1, "min": 1, "max": 4096})}}
 
-    def generate(self, width, height, batch_size=1):
+    @classmethod
+    def VALIDATE_INPUTS(cls, width, height):
+        """Core floors any size to 1/8 of the pixels (20x36 gives a 16x32 image) and lets 40x40 through to fail in a
+        Flux sampler after the models load. Headless, every latent goes to Flux, which needs multiples of 16 (the
+        editor's widget step): other sizes are refused here, before anything loads."""
+        for name, value in (("width", width), ("height", height)):
+            if value is not None and not (16 <= value <= MAX_RESOLUTION and value % 16 == 0):
+                fit = min(MAX_RESOLUTION, max(16, round(value / 16) * 16))
+                return (f"{name} {value} is not a multiple of 16 from 16 to {MAX_RESOLUTION}: Flux latents are 1/8 of "
+                        f"the pixels, packed in 2x2 patches. Use {fit}.")  # fmt: skip
+        return True
+
+    def generate(self, width, height, batch_size=1):  # as core: any size floored to 1/8
         return ({"samples": torch.zeros([batch_size, 16, height // 8, width // 8])},)
 
 
