@@ -28,7 +28,6 @@ from torch import Tensor, nn
 
 from .checkpoint import CheckpointError, identify, load_safetensors, read_header, wrong_file_error
 from .conditioning import TextEncoders
-from .gguf import GGUFLinear, dequantize
 from .loading import _DIFFUSERS_DOUBLE, _DIFFUSERS_SINGLE, _DIFFUSERS_TOP
 from .model import Flux
 from .ops import FP8_DTYPES, Linear
@@ -282,8 +281,8 @@ def _patch(layer: Linear, changes: list[_Change], compute_dtype: torch.dtype) ->
         for c in (c for c in changes if c.bias is not None):
             bias[c.rows] += c.bias
         layer.bias = nn.Parameter(bias.to(compute_dtype if layer.bias is None else layer.bias.dtype), requires_grad=False)
-    gguf = isinstance(layer, GGUFLinear)  # quantised blocks: like fp8, never re-rounded
-    if (weight.dtype in FP8_DTYPES or gguf) and all(c.dense is None for c in changes):
+    narrow = weight.dtype in FP8_DTYPES or not weight.dtype.is_floating_point  # fp8 or quantised (GGUF) storage
+    if narrow and all(c.dense is None for c in changes):
         low_rank = [c for c in changes if c.down is not None]
         if low_rank:
             down = torch.cat([c.down for c in low_rank])  # (R, in): all ranks side by side
@@ -296,20 +295,19 @@ def _patch(layer: Linear, changes: list[_Change], compute_dtype: torch.dtype) ->
                 down, up = torch.cat((layer.lora_down.to(work), down)), torch.cat((layer.lora_up.to(work), up), dim=1)
             layer.lora_down, layer.lora_up = down.to(compute_dtype), up.to(compute_dtype)
         return "side path"
-    merged = dequantize(weight, layer.qtype, work) if gguf else weight.to(work, copy=True)
-    if layer.weight_scale is not None:
-        merged.mul_(layer.weight_scale)
+    merged = layer.upcast(weight, None, work)[0]  # dequantised, scaled
+    if merged is weight:
+        merged = merged.clone()
     for c in changes:
         view = merged[c.rows]
         if c.dense is not None:
             view += c.dense
         if c.down is not None:
             view.addmm_(c.up, c.down)
-    narrow = weight.dtype in FP8_DTYPES or gguf  # a full-rank change to fp8/GGUF weights: kept in the compute dtype
+    # a full-rank change to fp8 / quantised weights: the layer becomes a plain one in the compute dtype instead
     layer.weight = nn.Parameter(merged.to(compute_dtype if narrow else weight.dtype), requires_grad=False)
     if narrow:
-        layer.weight_scale, layer.fp8_matmul = None, False
-        layer.__class__ = Linear  # a GGUF layer's merged weight is a plain float one
+        layer.__class__, layer.weight_scale, layer.fp8_matmul = Linear, None, False
     return "merged"
 
 
