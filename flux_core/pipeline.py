@@ -184,6 +184,7 @@ def generate(
     if not isinstance(negative_prompt, str | None):
         raise ValueError(f"negative_prompt must be a string or None, got {negative_prompt!r:.80}")
     check_sampling(steps, seed, guidance, cfg, denoise)
+    check_finite(redux_strength=redux_strength)
     if init_image is None:  # the size is checked before the prompts are encoded
         check_image_size(width, height, batch_size if len(prompts) == 1 else len(prompts))
     t5_tokens = 512 if distilled else 256

@@ -172,6 +172,7 @@ def test_schedule_shifts_must_be_finite(shift):
     [
         ({"guidance": NAN}, "guidance must be a finite number, got nan"),
         ({"cfg": INF}, "cfg must be a finite number"),
+        ({"redux_strength": NAN}, "redux_strength must be a finite number"),
         ({"steps": 0}, "steps must be a whole number >= 1, got 0"),  # was quietly 28
         ({"batch_size": 0}, "batch size must be a whole number from 1 to 4096, got 0"),
         ({"width": 100000}, "image width must be a whole number from 16 to 16384"),
