@@ -26,6 +26,7 @@ import statistics
 import struct
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -190,6 +191,9 @@ def run_cell(fn, card: Card) -> dict:
         return {"status": "OK", **out}
     except torch.OutOfMemoryError as e:
         return {"status": "OOM", "error": str(e).splitlines()[0][:200]}
+    except (RuntimeError, ValueError) as e:  # recorded, and the other cells still run
+        traceback.print_exc()
+        return {"status": "ERROR", "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
 
 
 def ours_transformer(files, weights: str, args) -> dict:
@@ -351,7 +355,7 @@ def main() -> None:
                 results[key] = run_cell(lambda: cells[what](files, weights, args), Card(None if cap is None else int(cap * GiB), args.device))
                 r = results[key]
                 print(f"{key}: {r['status']} {r.get('ms_per_step', 0):.1f} ms/step, peak {r.get('peak_gib') or 0:.2f} GiB, "
-                      f"{r.get('placement', '')} ({time.perf_counter() - start:.0f} s)", flush=True)  # fmt: skip
+                      f"{r.get('placement', r.get('error', ''))} ({time.perf_counter() - start:.0f} s)", flush=True)  # fmt: skip
                 args.out.parent.mkdir(parents=True, exist_ok=True)
                 args.out.write_text(json.dumps(report, indent=1))
     for other in args.compare:

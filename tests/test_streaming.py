@@ -18,11 +18,11 @@ def tiny_model(seed: int = 0, **overrides) -> Flux:
     return Flux(tiny_params(**{"depth": 3, "depth_single_blocks": 4, **overrides})).eval()
 
 
-def block_budget(model: Flux, streamed: int) -> int:
-    """The budget that streams the `streamed` smallest blocks: the rest, the non-block layers and two slots."""
+def block_budget(model: Flux, streamed: int, slots: int = 2) -> int:
+    """The budget that streams the `streamed` smallest blocks: the rest, the non-block layers and the slots."""
     p = streaming.Placement(model, model.blocks())
     sizes = sorted(b.nbytes for b in p.blocks)
-    return p.fixed.nbytes + sum(sizes[streamed:]) + 2 * sizes[streamed - 1]
+    return p.fixed.nbytes + sum(sizes[streamed:]) + slots * sizes[streamed - 1]
 
 
 def test_plan_streams_the_smallest_blocks_spread_out_and_fits_the_budget():
