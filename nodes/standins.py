@@ -5,6 +5,7 @@ unchanged; only the headless runner uses them (inside ComfyUI the real nodes run
 Also the file rules both the runner and server mode follow: names stay inside their folder, and new files get
 ComfyUI's `prefix_00001_.png` names, are written atomically and never replace an existing file.
 """
+import contextlib
 import json
 import os
 import re
@@ -60,8 +61,10 @@ def sweep_parts(folder: Path) -> None:
     """Removes temporary files of ours that a killed run left (untouched for STALE_PART_SECONDS)."""
     old = time.time() - STALE_PART_SECONDS
     for entry in os.scandir(folder):
-        if PART.fullmatch(entry.name) and entry.is_file(follow_symlinks=False) and entry.stat().st_mtime < old:
-            Path(entry.path).unlink(missing_ok=True)
+        if PART.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
+            with contextlib.suppress(FileNotFoundError):  # another run may sweep it first
+                if entry.stat(follow_symlinks=False).st_mtime < old:
+                    os.unlink(entry.path)
 
 
 def write_new(folder: Path, prefix: str, write, suffix: str = ".png") -> Path:
