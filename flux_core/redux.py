@@ -122,10 +122,14 @@ class Redux:
 
     def extend(self, txt: Tensor, images: Tensor, strength: float = 1.0, downsampling: int = 1, crop: bool = True) -> Tensor:
         """T5 tokens (B, Lt, D) -> (B, Lt + N, D) with the images' Redux tokens appended (BFL's prepare_redux)."""
-        tokens = self.tokens(images, strength, downsampling, crop)
-        if tokens.shape[-1] != txt.shape[-1]:
-            raise ValueError(
-                f"the Redux tokens are {tokens.shape[-1]} wide but the prompt's T5 tokens {txt.shape[-1]}: the Redux "
-                "file does not belong to these text encoders"
-            )
-        return torch.cat((txt, tokens.to(txt).expand(txt.shape[0], -1, -1)), dim=1)
+        return append_tokens(txt, self.tokens(images, strength, downsampling, crop))
+
+
+def append_tokens(txt: Tensor, tokens: Tensor) -> Tensor:
+    """(B, Lt, D) prompt tokens and (1, N, D) Redux tokens -> (B, Lt + N, D)."""
+    if tokens.shape[-1] != txt.shape[-1]:
+        raise ValueError(
+            f"the Redux tokens are {tokens.shape[-1]} wide but the prompt's T5 tokens {txt.shape[-1]}: the Redux "
+            "file does not belong to these text encoders"
+        )
+    return torch.cat((txt, tokens.to(txt).expand(txt.shape[0], -1, -1)), dim=1)

@@ -230,9 +230,12 @@ def image_cond_from_images(
             for r in refs:
                 check_image_size(r.shape[2], r.shape[1])
             conds.append(kontext_cond([encode(_signed(r)) for r in refs]))
-    if not conds:
-        return None
-    return ImageCond(**{k: v for c in conds for k, v in vars(c).items() if v is not None})
+    return combine(conds)
+
+
+def combine(conds: list[ImageCond]) -> ImageCond | None:
+    """One conditioning holding the parts of several (e.g. Fill channels and Kontext tokens; prepared() judges)."""
+    return ImageCond(**{k: v for c in conds for k, v in vars(c).items() if v is not None}) if conds else None
 
 
 def _signed(images: Tensor) -> Tensor:

@@ -17,6 +17,8 @@ MODEL_FOLDERS = {
     "vae": ("vae",),
     "checkpoints": ("checkpoints",),
     "fluxkit_seq2seq": ("fluxkit_seq2seq",),
+    "clip_vision": ("clip_vision",),
+    "style_models": ("style_models",),
 }
 WEIGHT_SUFFIXES = (".safetensors", ".sft")
 _fallback = {"models_dir": None, "output_dir": None, "input_dir": None, "comfy_root": None}

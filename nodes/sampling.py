@@ -5,6 +5,7 @@ from ..flux_core.pipeline import Conditioning, latent_from_raw, latent_to_raw, s
 from ..flux_core.sampling import MAX_BATCH, MAX_RESOLUTION, FlowMatch, check_image_size, check_latent
 from . import host
 from .common import CATEGORY, MODEL, TEXT_ENCODERS
+from .tools import image_conditioning
 
 
 class FluxKitTextEncode:
@@ -123,7 +124,7 @@ class FluxKitSampler:
         out = sample(
             model, _conditioning(positive, "positive"), latent_from_raw(raw), seed=seed, steps=steps,
             guidance=guidance, cfg=cfg, negative=None if negative is None else _conditioning(negative, "negative"),
-            denoise=denoise, flow=flow, callback=host.step_callback(steps),
+            denoise=denoise, flow=flow, callback=host.step_callback(steps), image_cond=image_conditioning(positive),
         )  # fmt: skip
         return ({**latent_image, "samples": latent_to_raw(out)},)
 
