@@ -7,8 +7,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from tiny_flux import bfl_to_diffusers, diffusers_config, tiny_inputs, tiny_params, write_flux_bfl, write_flux_fp8
+from tiny_text import tiny_clip_config, write_clip_l, write_t5
 
 from flux_core.checkpoint import CheckpointError
+from flux_core.conditioning import load_text_encoders
 from flux_core.loading import load_flux
 from flux_core.lora import apply_loras, parse_lora, read_lora
 from flux_core.ops import Linear
@@ -355,3 +357,61 @@ def test_partial_matches_are_reported_and_model_files_refused(base, flux_path, t
     assert "5 keys skipped" in str(report)
     with pytest.raises(CheckpointError, match="is a Flux transformer .*, not a LoRA"):
         read_lora(flux_path)
+
+
+# --- CLIP-L ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def text_encoders(tmp_path_factory):
+    """(our TextEncoders from tiny clip_l / t5 files, the float32 CLIP-L weights written)."""
+    folder = tmp_path_factory.mktemp("text")
+    clip = write_clip_l(folder / "clip_l.safetensors", dtype=torch.float32, extras=False)
+    write_t5(folder / "t5.safetensors", dtype=torch.float32)
+    encoders = load_text_encoders(folder / "clip_l.safetensors", folder / "t5.safetensors", dtype=torch.float32)
+    return encoders, clip
+
+
+def clip_lora(encoders, kohya: bool, rank: int = 2, seed: int = 9) -> dict:
+    """kohya's lora_te1_<name> + alpha, or diffusers' text_encoder.<name>.lora_A / lora_B, on every CLIP-L Linear."""
+    gen, state = torch.Generator().manual_seed(seed), {}
+    for name, layer in encoders.clip.named_modules():
+        if isinstance(layer, Linear):
+            dotted = "text_model." + name.removeprefix("text_model.")
+            down, up = random_pair(gen, layer.out_features, layer.in_features, rank)
+            if kohya:
+                key = "lora_te1_" + dotted.replace(".", "_")
+                state.update({f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up, f"{key}.alpha": torch.tensor(1.0)})
+            else:
+                state.update({f"text_encoder.{dotted}.lora_A.weight": down, f"text_encoder.{dotted}.lora_B.weight": up})
+    return state
+
+
+@pytest.mark.parametrize("kohya", [True, False], ids=["kohya", "diffusers"])
+def test_clip_parts_match_diffusers_on_transformers_clip(kohya, base, text_encoders, tmp_path, request):
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel
+
+    if kohya:
+        request.getfixturevalue("tiny_kohya_converter")
+    encoders, weights = text_encoders
+    state = {**kohya_lora(base, blocks_only=True), **clip_lora(encoders, kohya)} if kohya else clip_lora(encoders, kohya)
+    save_file(state, str(tmp_path / "clip.safetensors"))
+    model, patched, (report,) = apply_loras(base, [(read_lora(tmp_path / "clip.safetensors"), 0.6, 0.6)], encoders)
+    assert report.clip_layers == 12 and not report.skipped
+    assert patched.t5 is not encoders.t5 and patched.t5.shared.weight is encoders.t5.shared.weight
+    reference = CLIPTextModel(tiny_clip_config()).eval()
+    nest = "text_model." if hasattr(reference, "text_model") else ""  # transformers 5 keeps no text_model.
+    reference.load_state_dict({nest + k.removeprefix("text_model."): v for k, v in weights.items()})
+    config = {k: v for k, v in diffusers_config(PARAMS).items() if k != "_class_name"}
+    pipe = FluxPipeline(FlowMatchEulerDiscreteScheduler(), None, reference, None, None, None, FluxTransformer2DModel(**config))
+    pipe.load_lora_weights(str(tmp_path / "clip.safetensors"), adapter_name="test")
+    pipe.set_adapters("test", 0.6)
+    ids = torch.randint(0, 49408, (2, 77), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        expected, plain = reference(input_ids=ids).pooler_output, encoders.clip(input_ids=ids).pooler_output
+        got = patched.clip(input_ids=ids).pooler_output
+    assert (expected - plain).abs().max() > 0.05 * plain.abs().max()
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5 * expected.abs().max().item())
+    without, same, (skipped,) = apply_loras(base, [(read_lora(tmp_path / "clip.safetensors"), 0.6, 0.6)])
+    assert same is None and set(skipped.skipped.values()) == {"CLIP-L part, no text encoders given"}
