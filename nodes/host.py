@@ -19,6 +19,7 @@ MODEL_FOLDERS = {
     "fluxkit_seq2seq": ("fluxkit_seq2seq",),
     "clip_vision": ("clip_vision",),
     "style_models": ("style_models",),
+    "loras": ("loras",),
 }
 WEIGHT_SUFFIXES = (".safetensors", ".sft")
 _fallback = {"models_dir": None, "output_dir": None, "input_dir": None, "comfy_root": None}
