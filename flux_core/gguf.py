@@ -20,19 +20,27 @@ Q = gguf.GGMLQuantizationType
 QK_K = 256  # weights per K-quant super-block
 NATIVE = {Q.F32: torch.float32, Q.F16: torch.float16, Q.BF16: torch.bfloat16}
 
-# Bits per weight (scales included) and quality, as the files are usually described; for errors and tooltips.
+# The usual GGUF types: bits per weight (scales included) and quality as they are commonly described; for tooltips.
 QUANT_NOTES = {
     "Q8_0": (8.5, "indistinguishable from bf16"),
     "Q6_K": (6.56, "near bf16"),
-    "Q5_1": (6.0, "close to bf16"),
     "Q5_K": (5.5, "close to bf16"),
-    "Q5_0": (5.5, "close to bf16"),
-    "Q4_1": (5.0, "small detail changes"),
-    "Q4_K": (4.5, "small detail changes"),
-    "Q4_0": (4.5, "small detail changes, a little below Q4_K"),
+    "Q4_K": (4.5, "small changes in detail"),
+    "Q4_0": (4.5, "small changes in detail, a little below Q4_K"),
     "Q3_K": (3.44, "visible loss of detail"),
     "Q2_K": (2.63, "strong degradation"),
 }
+FLUX_DEV_WEIGHTS, T5_XXL_WEIGHTS = 11.9e9, 4.76e9  # parameters, for file sizes in tooltips
+
+
+def quant_guide(weights: float) -> str:
+    """What each usual GGUF type costs for a model of `weights` parameters: bits, file (and memory) size, quality."""
+    rows = [
+        f"{name} {bits} bits/weight, {weights * bits / 8e9:.1f} GB: {note}"
+        for name, (bits, note) in QUANT_NOTES.items()
+    ]
+    return "; ".join(rows) + f" (bf16: 16 bits, {weights * 2 / 1e9:.1f} GB)"
+
 
 # general.architecture values of GGUF files that are not what a loader wants, and what they are.
 _IMAGE_ARCHS = {
@@ -186,8 +194,8 @@ def use_blocks(model: nn.Module, qtypes: dict[str, Q]) -> None:
             raise CheckpointError(f"{key} is quantised ({qtype.name}) but is not a linear layer's weight")
         block_size, type_size = gguf.GGML_QUANT_SIZES[qtype]
         layer.__class__, layer.qtype = GGUFLinear, qtype
-        raw = torch.empty(layer.out_features, layer.in_features // block_size * type_size, dtype=torch.uint8, device="meta")
-        layer.weight = nn.Parameter(raw, requires_grad=False)
+        row_bytes = layer.in_features // block_size * type_size
+        layer.weight = nn.Parameter(torch.empty(layer.out_features, row_bytes, dtype=torch.uint8, device="meta"), False)
 
 
 def logical_shapes(state_dict: dict[str, Tensor], qtypes: dict[str, Q]) -> dict[str, Tensor]:
@@ -203,7 +211,7 @@ def logical_shapes(state_dict: dict[str, Tensor], qtypes: dict[str, Q]) -> dict[
 
 def type_label(state_dict: dict[str, Tensor], qtypes: dict[str, Q]) -> str:
     """The storage of the 2-D tensors, e.g. "Q4_K x 180, Q5_K x 24, F16 x 4"."""
-    names = [qtypes[k].name if k in qtypes else str(v.dtype).removeprefix("torch.") for k, v in state_dict.items() if v.ndim == 2]
+    names = [qtypes[k].name if k in qtypes else str(v.dtype)[6:] for k, v in state_dict.items() if v.ndim == 2]
     return ", ".join(f"{n} x {names.count(n)}" for n in sorted(set(names), key=names.count, reverse=True))
 
 
@@ -233,7 +241,9 @@ def read_gguf(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, Q],
     try:
         reader = gguf.GGUFReader(path)
     except (ValueError, OSError, IndexError, KeyError) as err:
-        raise CheckpointError(f"{path.name} is a GGUF quantised file that cannot be read (truncated or corrupt: {err})") from None
+        raise CheckpointError(
+            f"{path.name} is a GGUF quantised file that cannot be read (truncated or corrupt: {err})"
+        ) from None
     unsupported = [t for t in reader.tensors if t.tensor_type not in SUPPORTED]
     if unsupported:
         kinds = sorted({t.tensor_type.name for t in unsupported})
@@ -267,7 +277,7 @@ def _what(arch: str | None, keys) -> str:
     if arch == "flux":
         return f"a Flux transformer. Load it with {KIND_LOADERS['flux']}"
     if arch is not None:
-        return f"a {arch!r} model (llama.cpp language models and others are not image models)"
+        return f"a {arch!r} model (a llama.cpp language model or another network: neither Flux nor T5)"
     if any(k.startswith(_SD_KEYS) for k in keys):
         return "a Stable Diffusion UNet or SD3 transformer"
     return "not a model this pack knows (no Flux or T5 keys, no general.architecture)"

@@ -12,8 +12,9 @@ from .common import (
 class FluxKitModelLoader:
     DESCRIPTION = (
         "Loads a Flux transformer from models/diffusion_models (or unet): BFL files (flux1-dev, flux1-schnell, "
-        "fill, canny, depth, kontext, krea), ComfyUI all-in-one checkpoints, diffusers transformer folders and fp8 "
-        "files. The architecture is read from the weights, so any width loads."
+        "fill, canny, depth, kontext, krea), ComfyUI all-in-one checkpoints, diffusers transformer folders, fp8 "
+        "files and GGUF quantisations (flux1-dev-Q8_0.gguf ...). The architecture is read from the weights, so any "
+        "width loads."
     )
     CATEGORY = f"{CATEGORY}/loaders"
     RETURN_TYPES = (MODEL,)
@@ -25,13 +26,18 @@ class FluxKitModelLoader:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "unet_name": (host.model_list("diffusion_models"), {"tooltip": "The transformer weights file or diffusers folder."}),
+                "unet_name": (host.model_list("diffusion_models"), {
+                    "tooltip": "The transformer weights file or diffusers folder. GGUF files stay quantised in memory "
+                    "and are dequantised layer by layer while computing: "
+                    + flux_core.gguf.quant_guide(flux_core.gguf.FLUX_DEV_WEIGHTS) + ", for flux-dev.",
+                }),
                 "weight_dtype": (list(WEIGHT_DTYPES), {
                     "default": "default",
                     "tooltip": "How weights are kept in memory. default: as stored (bf16 on GPU, fp32 on CPU for "
                     "full-precision files); fp8 halves memory and is upcast layer by layer while computing; "
                     "fp8_e4m3fn_fast also multiplies in fp8 on RTX 40xx / H100 and newer GPUs: steps about 1.2x "
-                    "faster than fp8_e4m3fn, slightly lower quality.",
+                    "faster than fp8_e4m3fn, slightly lower quality. GGUF files: default keeps them quantised; "
+                    "another choice dequantises them once, at load.",
                 }),
             },
             "optional": {
@@ -61,7 +67,8 @@ class FluxKitModelLoader:
 
 class FluxKitTextEncoderLoader:
     DESCRIPTION = (
-        "Loads CLIP-L and T5-XXL from models/text_encoders (or clip): clip_l.safetensors, t5xxl_fp16 / fp8 files or "
+        "Loads CLIP-L and T5-XXL from models/text_encoders (or clip): clip_l.safetensors, t5xxl_fp16 / fp8 / GGUF "
+        "files or "
         "diffusers text_encoder folders. The tokenizers come with ComfyUI."
     )
     CATEGORY = f"{CATEGORY}/loaders"
@@ -76,7 +83,11 @@ class FluxKitTextEncoderLoader:
         return {
             "required": {
                 "clip_name1": (names, {"tooltip": "CLIP-L, e.g. clip_l.safetensors."}),
-                "clip_name2": (names, {"tooltip": "T5-XXL, e.g. t5xxl_fp16.safetensors or t5xxl_fp8_e4m3fn.safetensors."}),
+                "clip_name2": (names, {
+                    "tooltip": "T5-XXL, e.g. t5xxl_fp16.safetensors, t5xxl_fp8_e4m3fn.safetensors or a GGUF "
+                    "(t5-v1_1-xxl-encoder-Q8_0.gguf), kept quantised: "
+                    + flux_core.gguf.quant_guide(flux_core.gguf.T5_XXL_WEIGHTS) + ".",
+                }),
                 "device": (["default", "cpu"], {
                     "default": "default",
                     "tooltip": "cpu keeps the text encoders off the GPU entirely (slower prompts, more VRAM for the model).",
