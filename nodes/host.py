@@ -21,7 +21,7 @@ MODEL_FOLDERS = {
     "style_models": ("style_models",),
     "loras": ("loras",),
 }
-WEIGHT_SUFFIXES = (".safetensors", ".sft")
+WEIGHT_SUFFIXES = (".safetensors", ".sft", ".gguf")
 _fallback = {"models_dir": None, "output_dir": None, "input_dir": None, "comfy_root": None}
 
 
@@ -61,7 +61,10 @@ def model_list(kind: str) -> list[str]:
     """Weight files, and diffusers folders (with a model_index.json or config.json), under a model kind."""
     folder_paths = _comfy("folder_paths")
     if folder_paths is not None and kind in folder_paths.folder_names_and_paths:
-        return list(folder_paths.get_filename_list(kind))
+        names = set(folder_paths.get_filename_list(kind))
+        for folder in folder_paths.get_folder_paths(kind):  # ComfyUI's extension filter has no .gguf
+            names.update(folder_paths.filter_files_extensions(folder_paths.recursive_search(folder)[0], {".gguf"}))
+        return sorted(names)
     names = set()
     for folder in _folders(kind):
         for dirpath, dirnames, filenames in os.walk(folder):
