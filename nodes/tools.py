@@ -117,7 +117,9 @@ class FluxKitFillConditioning:
             raise ValueError(
                 f"the mask is {mask.shape[-1]}x{mask.shape[-2]} but the image is {image.shape[2]}x{image.shape[1]}: "
                 "use the mask of the same image (Load Image's MASK output, or Flux Outpaint Pad's)"
-            )
+                + ("; Load Image gives an empty 64x64 mask for an image without alpha: paint one in the mask editor"
+                   if mask.shape[-2:] == (64, 64) and not mask.any() else "")
+            )  # fmt: skip
         image, mask = _crop16(image), _crop16(mask)
         blanked = (masked_image(image.movedim(-1, 1)[:, :3] * 2 - 1, mask).movedim(1, -1) + 1) / 2
         conditioning = _with(conditioning, concat_latent_image=_encode(vae, blanked), concat_mask=mask[:, None])

@@ -109,6 +109,8 @@ def test_fill_and_control_nodes_feed_their_models(pack, loaded):  # noqa: F811
         run_sampler(pack, unets["fill"], positive, latent)
     with pytest.raises(ValueError, match="mask is 32x32 but the image is 64x48"):
         node(pack, "FluxKitFillConditioning").apply(positive, vae, photo(), torch.ones(1, 32, 32))
+    with pytest.raises(ValueError, match="image without alpha: paint one in the mask editor"):
+        node(pack, "FluxKitFillConditioning").apply(positive, vae, photo(), torch.zeros(1, 64, 64))
     (edges,) = node(pack, "FluxKitCanny").detect(photo(), 0.4, 0.8)
     controlled, control_latent = node(pack, "FluxKitControlConditioning").apply(positive, vae, edges)
     assert run_sampler(pack, unets["canny"], controlled, control_latent).shape == (1, 16, 6, 8)
