@@ -40,6 +40,23 @@ def _tensors(module: nn.Module) -> list[tuple[nn.Module, str, Tensor]]:
     return out
 
 
+@torch.inference_mode(False)
+def _without_inference_tensors(model: nn.Module) -> None:
+    """Replace inference tensors (a model loaded inside torch.inference_mode, as ComfyUI runs its nodes) by normal
+    tensors on the same memory: their `.data` can then be swapped, which inference tensors do not allow."""
+    normal = {}
+    for owner in model.modules():
+        for slots in (owner._parameters, owner._buffers):
+            for name, t in slots.items():
+                if t is None or not t.is_inference():
+                    continue
+                if id(t) not in normal:
+                    data = torch.empty(0, dtype=t.dtype, device=t.device)
+                    data.set_(t.untyped_storage(), t.storage_offset(), t.shape, t.stride())
+                    normal[id(t)] = nn.Parameter(data, t.requires_grad) if isinstance(t, nn.Parameter) else data
+                slots[name] = normal[id(t)]
+
+
 def _nbytes(tensors) -> int:
     return sum(-(-t.nbytes // _ALIGN) * _ALIGN for t in tensors)
 
@@ -147,6 +164,7 @@ class Placement:
     One per model (its pinned buffers are made once); `load` and `unload` move the weights."""
 
     def __init__(self, model: nn.Module, blocks: list[nn.Module]):
+        _without_inference_tensors(model)
         self.blocks = [_Block([t for _, _, t in _tensors(b)]) for b in blocks]
         in_blocks = {id(t) for b in self.blocks for t in b.tensors}
         self.fixed = _Block([t for _, _, t in _tensors(model) if id(t) not in in_blocks])

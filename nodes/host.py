@@ -50,11 +50,15 @@ def configure(models_dir=None, output_dir=None, input_dir=None) -> None:
         _fallback["input_dir"] = Path(input_dir).expanduser()
 
 
+def models_root() -> Path:
+    """The models folder outside ComfyUI: configure()'s, else $FLUXKIT_MODELS, else ./models."""
+    return (_fallback["models_dir"] or Path(os.environ.get("FLUXKIT_MODELS", "models"))).absolute()
+
+
 def _folders(kind: str) -> list[Path]:
     if kind not in MODEL_FOLDERS:
         raise KeyError(f"unknown model folder kind {kind!r}; known: {', '.join(MODEL_FOLDERS)}")
-    root = _fallback["models_dir"] or Path(os.environ.get("FLUXKIT_MODELS", "models"))
-    return [root / sub for sub in MODEL_FOLDERS[kind]]
+    return [models_root() / sub for sub in MODEL_FOLDERS[kind]]
 
 
 def model_list(kind: str) -> list[str]:
@@ -65,33 +69,73 @@ def model_list(kind: str) -> list[str]:
         for folder in folder_paths.get_folder_paths(kind):  # ComfyUI's extension filter has no .gguf
             names.update(folder_paths.filter_files_extensions(folder_paths.recursive_search(folder)[0], {".gguf"}))
         return sorted(names)
-    names = set()
+    names, seen = set(), set()
     for folder in _folders(kind):
-        for dirpath, dirnames, filenames in os.walk(folder):
+        for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):  # symlinks followed, as ComfyUI does
             here = Path(dirpath)
+            if here.resolve() in seen:  # a symlink loop, or a folder reached twice
+                dirnames.clear()
+                continue
+            seen.add(here.resolve())
             if here != folder and ({"model_index.json", "config.json", "params.json"} & set(filenames)):
                 names.add(here.relative_to(folder).as_posix())
                 dirnames.clear()  # a diffusers folder is one model: do not list its shards
                 continue
-            names.update((here / f).relative_to(folder).as_posix() for f in filenames if f.endswith(WEIGHT_SUFFIXES))
+            names.update(
+                (here / f).relative_to(folder).as_posix() for f in filenames
+                if f.endswith(WEIGHT_SUFFIXES) and (here / f).exists()  # not a dangling symlink
+            )  # fmt: skip
     return sorted(names)
 
 
 def model_path(kind: str, name: str) -> Path:
-    """The file or folder `name` of a model kind; only names inside the configured folders resolve."""
-    parts = Path(name).parts
-    if not name or Path(name).is_absolute() or ".." in parts or "\\" in name:
+    """The file or folder `name` of a model kind. The name must lie inside one of the kind's folders (no absolute
+    path, no '..'); symlinks in the folder are followed wherever they lead, as ComfyUI users link model files."""
+    if not isinstance(name, str) or not name or Path(name).is_absolute() or ".." in Path(name).parts or "\\" in name:
         raise ValueError(f"model name {name!r} must be a plain name inside the {kind} folder (no absolute path, no '..')")
     folder_paths = _comfy("folder_paths")
     if folder_paths is not None and kind in folder_paths.folder_names_and_paths:
         return Path(folder_paths.get_full_path_or_raise(kind, name))
     folders = _folders(kind)
     for folder in folders:
-        candidate = (folder / name).resolve()
-        if candidate.exists() and candidate.is_relative_to(folder.resolve()):
-            return candidate
-    looked = ", ".join(str(f) for f in folders)
-    raise FileNotFoundError(f"{kind} model {name!r} not found; looked in {looked}")
+        if (folder / name).exists():
+            return folder / name
+    raise FileNotFoundError(_not_found(kind, [name], folders))
+
+
+def _not_found(kind: str, names: list, folders: list) -> str:
+    files = " and ".join(map(repr, names))
+    where = " or ".join(map(str, folders))
+    return f"{kind} {files} not found in {where}: put {'it' if len(names) == 1 else 'them'} in {folders[0]}"
+
+
+def missing_models(kind: str, *names) -> str | None:
+    """One line on those of `names` that cannot be loaded (for VALIDATE_INPUTS): where they were looked for and where
+    they go; None when all are there. A None name comes through a link: it is checked when it runs."""
+    folder_paths = _comfy("folder_paths")
+    in_comfy = folder_paths is not None and kind in folder_paths.folder_names_and_paths
+    missing = []
+    for name in (n for n in names if n is not None):
+        if in_comfy:
+            missing += [name] if folder_paths.get_full_path(kind, name) is None else []
+            continue
+        try:
+            model_path(kind, name)
+        except ValueError as e:
+            return str(e)
+        except FileNotFoundError:
+            missing.append(name)
+    if not missing:
+        return None
+    return _not_found(kind, missing, folder_paths.get_folder_paths(kind) if in_comfy else _folders(kind))
+
+
+def models_folder_note() -> str | None:
+    """Outside ComfyUI, when the models folder does not exist: a line saying so and how to give it."""
+    root = models_root()
+    if in_comfyui() or root.is_dir():
+        return None
+    return f"the models folder {root} does not exist: give yours with --models or $FLUXKIT_MODELS"
 
 
 def output_dir() -> Path:

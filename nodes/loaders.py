@@ -1,6 +1,6 @@
 """Loader nodes: transformer, text encoders (CLIP-L + T5), VAE. Glue over flux_core's loaders."""
 from ..flux_core.autoencoder import load_autoencoder
-from ..flux_core.conditioning import load_text_encoders
+from ..flux_core.conditioning import find_tokenizer, load_text_encoders
 from ..flux_core.loading import load_flux
 from ..flux_core.model import PRESETS
 from . import host
@@ -50,6 +50,10 @@ class FluxKitModelLoader:
         }
 
     @classmethod
+    def VALIDATE_INPUTS(cls, unet_name):
+        return host.missing_models("diffusion_models", unet_name) or True
+
+    @classmethod
     def IS_CHANGED(cls, unet_name, weight_dtype, preset="auto"):
         return file_fingerprint(host.model_path("diffusion_models", unet_name))
 
@@ -96,6 +100,20 @@ class FluxKitTextEncoderLoader:
         }
 
     @classmethod
+    def VALIDATE_INPUTS(cls, clip_name1, clip_name2):
+        """Both files there and both tokenizers found, before any model loads."""
+        missing = host.missing_models("text_encoders", clip_name1, clip_name2)
+        if missing:
+            return missing
+        for which, name in (("clip", clip_name1), ("t5", clip_name2)):
+            path = host.model_path("text_encoders", name) if name is not None else None
+            try:
+                find_tokenizer(which, host.tokenizer_dirs(), path, host.comfy_root())
+            except FileNotFoundError as e:
+                return " ".join(str(e).split())  # one line
+        return True
+
+    @classmethod
     def IS_CHANGED(cls, clip_name1, clip_name2, device):
         return tuple(file_fingerprint(host.model_path("text_encoders", n)) for n in (clip_name1, clip_name2))
 
@@ -121,6 +139,10 @@ class FluxKitVAELoader:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {"vae_name": (host.model_list("vae"), {"tooltip": "The Flux VAE, e.g. ae.safetensors."})}}
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, vae_name):
+        return host.missing_models("vae", vae_name) or True
 
     @classmethod
     def IS_CHANGED(cls, vae_name):

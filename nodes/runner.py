@@ -208,6 +208,9 @@ def main(argv=None, classes: dict | None = None, display_names: dict | None = No
         if args.traceback:
             traceback.print_exception(e)
         print(f"error: {e}", file=sys.stderr)
+        note = host.models_folder_note()
+        if note and str(host.models_root()) in str(e):  # the errors are about files in that folder
+            print(f"  {note}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -602,7 +602,11 @@ def format_errors(error: dict | None, node_errors: dict) -> list[str]:
         for e in entry.get("errors", []):
             name = (e.get("extra_info") or {}).get("input_name")
             where = f"node {node_id} ({entry.get('class_type')})" + (f" input '{name}'" if name else "")
-            details = f" [{e['details']}]" if e.get("details") and e["details"] != name else ""
+            details = str(e.get("details") or "")
+            if e.get("type") == "custom_validation_failed" and details.startswith(f"{name} - "):
+                lines.append(f"{where}: {details[len(name) + 3:]}")  # the node's own words say it all
+                continue
+            details = f" [{details}]" if details and details != name else ""
             lines.append(f"{where}: {e.get('message')}{details}")
     if error and (not lines or error.get("type") != "prompt_outputs_failed_validation"):
         lines.append(f"{error.get('message')}" + (f": {error['details']}" if error.get("details") else ""))

@@ -1,6 +1,8 @@
 """The headless runner: execution order and reuse, ComfyUI's node call conventions, the CLI (--set, --models,
 --output, --input), PNG output (names, chunks, never overwriting), path safety, and the `python . run` entry."""
+import importlib
 import json
+import runpy
 import subprocess
 import sys
 
@@ -8,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tiny_ae import tiny_ae_params, write_ae_bfl
 from test_workflow import FAKE_NODES, REPO, SAMPLE_API, Loader, Sampler, api_prompt, defs, load, sample_ui
 
 runner = load("runner")
@@ -175,7 +178,7 @@ def test_load_image_and_preview_standins_with_api_workflow(tmp_path, monkeypatch
     assert image.shape == (1, 16, 24, 3) and torch.allclose(mask, torch.full((1, 16, 24), 1 - 64 / 255))
     prompt["1"]["inputs"]["image"] = "../workflow.json"
     assert cli(tmp_path, prompt) == 1
-    assert "node 1 (LoadImage) input 'image': Custom validation failed for node [image - image '../workflow.json' leads outside" in capsys.readouterr().err
+    assert "node 1 (LoadImage) input 'image': image '../workflow.json' leads outside" in capsys.readouterr().err
 
 
 def test_model_names_resolve_only_inside_model_folders(tmp_path, capsys):
@@ -219,3 +222,69 @@ def test_python_dot_run_loads_the_pack_and_runs(tmp_path):
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == [str(tmp_path / "out" / "copy_00001_.png")]
     assert grey(tmp_path / "out" / "copy_00001_.png") == 77
+
+
+@pytest.fixture(scope="module")
+def pack():
+    """The pack loaded as `python . run` loads it, for the real loader nodes and their host."""
+    return runpy.run_path(str(REPO / "__main__.py"))["load_pack"]()
+
+
+def pack_module(pack, name: str):
+    return importlib.import_module(f"{pack.__name__}.nodes.{name}")
+
+
+def test_missing_model_files_say_where_each_goes_before_anything_loads(pack, tmp_path, capsys):
+    run = pack_module(pack, "runner").main
+    models = tmp_path / "no-such-models"
+    args = ["run", str(REPO / "workflows" / "flux_dev_txt2img.json"), "--models", str(models), "--output", str(tmp_path / "out")]
+    assert run(args) == 1
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[1:] == [
+        f"  node 1 (FluxKitModelLoader) input 'unet_name': diffusion_models 'flux1-dev.safetensors' not found in "
+        f"{models}/diffusion_models or {models}/unet: put it in {models}/diffusion_models",
+        f"  node 2 (FluxKitTextEncoderLoader) input 'clip_name1': text_encoders 'clip_l.safetensors' and "
+        f"'t5xxl_fp16.safetensors' not found in {models}/text_encoders or {models}/clip: put them in {models}/text_encoders",
+        f"  node 3 (FluxKitVAELoader) input 'vae_name': vae 'ae.safetensors' not found in {models}/vae: put it in {models}/vae",
+        f"  the models folder {models} does not exist: give yours with --models or $FLUXKIT_MODELS",
+    ]
+    (models / "vae").mkdir(parents=True)  # the folder exists, one file is there: only the others are named
+    (models / "vae" / "ae.safetensors").write_bytes(b"")
+    assert run(args) == 1
+    err = capsys.readouterr().err
+    assert "'ae.safetensors'" not in err and "does not exist" not in err and err.count("not found in") == 2
+
+
+def test_missing_tokenizers_are_found_with_the_files_before_any_loading(pack, tmp_path, capsys, monkeypatch):
+    models = tmp_path / "models"
+    for sub, name in [("diffusion_models", "flux1-dev.safetensors"), ("text_encoders", "clip_l.safetensors"),
+                      ("text_encoders", "t5xxl_fp16.safetensors"), ("vae", "ae.safetensors")]:  # fmt: skip
+        (models / sub).mkdir(parents=True, exist_ok=True)
+        (models / sub / name).write_bytes(b"")  # never read: validation fails before any load
+    conditioning = pack_module(pack, "loaders").flux_core.conditioning
+    monkeypatch.setattr(conditioning, "tokenizer_places", lambda which, *args: [tmp_path / "nowhere"])
+    args = ["run", str(REPO / "workflows" / "flux_dev_txt2img.json"), "--models", str(models), "--output", str(tmp_path / "out")]
+    assert pack_module(pack, "runner").main(args) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: the workflow is not valid:\n")
+    assert f"node 2 (FluxKitTextEncoderLoader) input 'clip_name1': No CLIP-L tokenizer found (a folder with " in err
+    assert f"{tmp_path / 'nowhere'} (no such folder)" in err and len(err.splitlines()) == 2  # one line
+    assert not (tmp_path / "out").exists()
+
+
+def test_symlinked_model_files_are_listed_validated_and_loaded(pack, tmp_path):
+    host = pack_module(pack, "host")
+    (tmp_path / "models" / "vae").mkdir(parents=True)
+    (tmp_path / "elsewhere").mkdir()
+    write_ae_bfl(tmp_path / "elsewhere" / "blob", tiny_ae_params())  # e.g. a Hugging Face cache blob: no suffix
+    (tmp_path / "models" / "vae" / "ae.safetensors").symlink_to(tmp_path / "elsewhere" / "blob")
+    (tmp_path / "models" / "vae" / "gone.safetensors").symlink_to(tmp_path / "elsewhere" / "deleted")
+    host.configure(tmp_path / "models")
+    assert host.model_list("vae") == ["ae.safetensors"]  # the dangling link is not offered
+    loader = pack.NODE_CLASS_MAPPINGS["FluxKitVAELoader"]
+    assert loader.VALIDATE_INPUTS("ae.safetensors") is True
+    (vae,) = loader().load("ae.safetensors")
+    assert sum(p.numel() for p in vae.parameters()) > 0
+    assert "'gone.safetensors' not found" in loader.VALIDATE_INPUTS("gone.safetensors")
+    with pytest.raises(ValueError, match="must be a plain name inside the vae folder"):
+        host.model_path("vae", "../elsewhere/blob")

@@ -3,9 +3,10 @@ device slots (`device="cpu"`), so the plan, the prefetch ring, the swaps and the
 tests/test_cuda.py runs the CUDA streams and pinned memory on a GPU."""
 import pytest
 import torch
-from tiny_flux import tiny_inputs, tiny_params
+from tiny_flux import tiny_inputs, tiny_params, write_flux_bfl
 
 from flux_core import streaming
+from flux_core.loading import load_flux
 from flux_core.model import Flux
 from flux_core.ops import Linear
 from flux_core.streaming import place, placement_of, plan_streamed, unload
@@ -119,3 +120,16 @@ def test_bad_settings_fail_with_the_fix(monkeypatch):
     with pytest.raises(ValueError, match="no automatic VRAM budget on cpu"):
         place(model, CPU, model.blocks())
     assert all(p.device.type == "cpu" for p in model.parameters())
+
+
+def test_a_model_loaded_inside_inference_mode_streams_on_its_memory(tmp_path):
+    # ComfyUI runs nodes under torch.inference_mode: the loaded tensors are inference tensors, which cannot be swapped
+    write_flux_bfl(tmp_path / "flux.safetensors", tiny_params())
+    x = tiny_inputs(tiny_params())
+    with torch.inference_mode():
+        model = load_flux(tmp_path / "flux.safetensors", dtype=torch.float32)
+        expected, pointer = model(**x), model.img_in.weight.data_ptr()
+        place(model, CPU, model.blocks(), budget_bytes=block_budget(model, 2))
+        assert not model.img_in.weight.is_inference() and model.img_in.weight.data_ptr() == pointer  # no copy
+        assert torch.equal(model(**x), expected)
+    unload(model)
