@@ -162,7 +162,7 @@ def flux_targets(model: Flux) -> dict[str, Target]:
     """Every name a LoRA may give a Linear of `model` -> (BFL layer, rows, halves swapped)."""
     p = model.params
     width, mlp = p.hidden_size, int(p.hidden_size * p.mlp_ratio)
-    names: dict[str, Target] = {n: (n, None, False) for n, m in model.named_modules() if isinstance(m, Linear)}
+    names: dict[str, Target] = {n: (n, None, False) for n, m in model.named_modules() if isinstance(m, nn.Linear)}
 
     def diffusers(table: dict, bfl_prefix: str, prefix: str) -> None:
         for bfl, sources in table.items():
@@ -272,7 +272,7 @@ def _change(parts: dict[str, Tensor], target: Target, strength: float, device, w
     return change
 
 
-def _patch(layer: Linear, changes: list[_Change], compute_dtype: torch.dtype) -> str:
+def _patch(layer: Linear, changes: list[_Change], compute_dtype: torch.dtype, merge: bool = True) -> str:
     """Give `layer` (a twin's, never the base model's) its changes; returns how: "merged" or "side path"."""
     weight = layer.weight
     work = torch.promote_types(torch.float32, compute_dtype)
@@ -282,7 +282,7 @@ def _patch(layer: Linear, changes: list[_Change], compute_dtype: torch.dtype) ->
             bias[c.rows] += c.bias
         layer.bias = nn.Parameter(bias.to(compute_dtype if layer.bias is None else layer.bias.dtype), requires_grad=False)
     narrow = weight.dtype in FP8_DTYPES or not weight.dtype.is_floating_point  # fp8 or quantised (GGUF) storage
-    if narrow and all(c.dense is None for c in changes):
+    if (narrow or not merge) and all(c.dense is None for c in changes):
         low_rank = [c for c in changes if c.down is not None]
         if low_rank:
             down = torch.cat([c.down for c in low_rank])  # (R, in): all ranks side by side
@@ -366,13 +366,14 @@ def _check_shapes(lora: Lora, root: nn.Module, matched: list, width: int) -> Non
 
 
 def apply_loras(
-    model: Flux, loras: list[tuple[Lora, float, float]], text_encoders: TextEncoders | None = None
+    model: Flux, loras: list[tuple[Lora, float, float]], text_encoders: TextEncoders | None = None, merge: bool = True
 ) -> tuple[Flux, TextEncoders | None, list[LoraReport]]:
     """(patched twin of `model`, patched twin of `text_encoders` (or them as given), one report per LoRA).
 
     `loras`: (lora, strength_model, strength_clip), stacked in order; changes to one layer are summed in float32 and
     rounded once. Strengths may be negative; 0 leaves the model exactly as it was. Every LoRA is checked against the
-    model before any work: one made for another model raises, naming it.
+    model before any work: one made for another model raises, naming it. `merge=False` keeps low-rank LoRAs as side
+    paths on float weights too: no merged copy of the patched layers (memory), two thin GEMMs more per layer (time).
     """
     flux_names, clip = flux_targets(model), None if text_encoders is None else text_encoders.clip
     clip_names = None if clip is None else clip_targets(clip)
@@ -395,7 +396,7 @@ def apply_loras(
                 device, work = root.get_submodule(target[0]).weight.device, torch.promote_types(torch.float32, dtype)
                 plan[target[0]].append(_change(lora.modules[module], target, strength, device, work))
     twin = model.twin()
-    modes = {layer: _patch(twin.get_submodule(layer), c, dtypes[0]) for layer, c in changes[0].items()}
+    modes = {layer: _patch(twin.get_submodule(layer), c, dtypes[0], merge) for layer, c in changes[0].items()}
     for lora, report, ((_, flux, _), _) in plans:
         report.modes = dict(Counter(modes[layer] for layer in {t[0] for _, t in flux} if layer in modes))
     twin.description = getattr(model, "description", "Flux") + "; LoRAs: " + ", ".join(f"{lo.name} ({s:g})" for lo, s, _ in loras)
@@ -403,7 +404,7 @@ def apply_loras(
         return twin, text_encoders, [report for _, report, _ in plans]
     clip_twin, t5_twin = _twin(clip), _twin(text_encoders.t5)
     for layer, c in changes[1].items():
-        _patch(clip_twin.get_submodule(layer), c, dtypes[1])
+        _patch(clip_twin.get_submodule(layer), c, dtypes[1], merge)
     encoders = TextEncoders(clip_twin, t5_twin, text_encoders.clip_tokenizer, text_encoders.t5_tokenizer)
     return twin, encoders, [report for _, report, _ in plans]
 

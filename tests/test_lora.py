@@ -1,13 +1,20 @@
 """LoRAs: every format on a tiny Flux in official layout, against diffusers' own loading (kohya, XLabs, PEFT) or the
 closed forms (BFL names, LoHa, LoKr, diff); stacking, strength 0, the base left alone, fp8 side paths, wrong models."""
+import importlib
+import json
 import re
+import sys
 import types
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file, save_file
 from tiny_flux import bfl_to_diffusers, diffusers_config, tiny_inputs, tiny_params, write_flux_bfl, write_flux_fp8
 from tiny_text import tiny_clip_config, write_clip_l, write_t5
+from test_nodes import models, pack  # noqa: F401  (fixtures: the pack as ComfyUI loads it, tiny models folder)
+
+from conftest import REPO
 
 from flux_core.checkpoint import CheckpointError
 from flux_core.conditioning import load_text_encoders
@@ -43,7 +50,7 @@ def random_pair(gen, out_features: int, in_features: int, rank: int) -> tuple[to
 
 def run(model, dtype=torch.float64):
     with torch.inference_mode():
-        return model(**tiny_inputs(PARAMS, dtype=dtype))
+        return model(**tiny_inputs(model.params, dtype=dtype))
 
 
 # --- against diffusers ------------------------------------------------------------------------------------------------
@@ -415,3 +422,48 @@ def test_clip_parts_match_diffusers_on_transformers_clip(kohya, base, text_encod
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5 * expected.abs().max().item())
     without, same, (skipped,) = apply_loras(base, [(read_lora(tmp_path / "clip.safetensors"), 0.6, 0.6)])
     assert same is None and set(skipped.skipped.values()) == {"CLIP-L part, no text encoders given"}
+
+
+# --- the node and the shipped workflow --------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def lora_models(models, pack):  # noqa: F811
+    """test_nodes' tiny models folder, with flux_lora.safetensors (kohya: transformer and CLIP-L parts) in loras/."""
+    from test_nodes import node
+
+    (model,) = node(pack, "FluxKitModelLoader").load("flux1-dev.safetensors", "default")
+    (encoders,) = node(pack, "FluxKitTextEncoderLoader").load("clip_l.safetensors", "t5xxl_fp16.safetensors", "cpu")
+    (models / "loras").mkdir(exist_ok=True)
+    save_file({**kohya_lora(model), **clip_lora(encoders.encoders, kohya=True)}, str(models / "loras" / "flux_lora.safetensors"))
+    return models, model, encoders
+
+
+def test_node_applies_chains_and_reads_the_file_once(pack, lora_models, monkeypatch):
+    _, model, encoders = lora_models
+    module = sys.modules[pack.__name__ + ".nodes.lora"]
+    reads = []
+    monkeypatch.setattr(module, "read_lora", lambda path: reads.append(path) or read_lora(path))
+    module.PARSED.entries.clear()
+    loader = pack.NODE_CLASS_MAPPINGS["FluxKitLoraLoader"]
+    assert loader.INPUT_TYPES()["required"]["lora_name"][0] == ["flux_lora.safetensors"]
+    once, te = loader().apply(model, "flux_lora.safetensors", 0.5, encoders, 0.5)
+    twice, te2 = loader().apply(once, "flux_lora.safetensors", 0.25, te, 1.0, "side path")
+    at_once, _, _ = apply_loras(model, [(read_lora(lora_models[0] / "loras" / "flux_lora.safetensors"), 0.75, 1.0)])
+    assert len(reads) == 1  # a new strength, the same parsed file
+    qkv = "double_blocks.0.img_attn.qkv"
+    assert twice.get_submodule(qkv).lora_up is not None and once.get_submodule(qkv).lora_up is None
+    torch.testing.assert_close(run(twice, torch.float32), run(at_once, torch.float32), rtol=0, atol=1e-5)
+    assert te2.device == encoders.device and te2.encoders.clip is not encoders.encoders.clip
+    model_only, no_encoders = loader().apply(model, "flux_lora.safetensors", 1.0)
+    assert no_encoders is None and loader.IS_CHANGED(lora_name="flux_lora.safetensors", strength_model=1.0)
+
+
+def test_lora_workflow_runs_headless(pack, lora_models, tmp_path):
+    runner = importlib.import_module(f"{pack.__name__}.nodes.runner")
+    argv = ["run", str(REPO / "workflows" / "flux_dev_lora.json"), "--models", str(lora_models[0]), "--output", str(tmp_path),
+            "--set", "6.steps=2", "--set", "5.width=64", "--set", "5.height=48", "--set", "9.strength_model=0.8"]  # fmt: skip
+    assert runner.main(argv) == 0
+    (png,) = tmp_path.rglob("*.png")
+    prompt = json.loads(Image.open(png).text["prompt"])
+    assert prompt["9"]["class_type"] == "FluxKitLoraLoader" and prompt["9"]["inputs"]["strength_model"] == 0.8
