@@ -32,9 +32,9 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "tests")]
+sys.path[:1] = [str(REPO), str(REPO / "tests")]  # not bench/ itself: bench/gguf.py would shadow the gguf package
 
-from gpu_flux_dev import random_fill_  # noqa: E402
+from bench.gpu_flux_dev import random_fill_  # noqa: E402
 from tiny_text import tiny_clip_config, tiny_t5_config  # noqa: E402
 from transformers import CLIPTextModel, T5EncoderModel  # noqa: E402
 
