@@ -1,0 +1,216 @@
+"""GGUF weights against bf16 and fp8, one process, flux-dev shape: ms per step, memory and the error of one forward.
+
+Random flux-dev-shaped weights (N(0, 1/fan_in), norm scales around 1) for one double and one single block, copied into
+every block (quantising 12B weights with the gguf package's numpy code would take many minutes; each block still holds
+its own copy, so memory is real). Variants, each built on the device alone, the others freed:
+  bf16      the weights in bfloat16
+  fp8       float8_e4m3fn, upcast per layer (load_flux(weight_dtype=torch.float8_e4m3fn))
+  Q8_0 ...  GGUF blocks kept quantised, GGUFLinear dequantising per call (load_flux of a .gguf): Q8_0, Q4_0 (and
+            Q5_0, Q5_1, Q4_1) quantised by the gguf package; Q5_K and Q4_K by the simple quantiser below (the package
+            has no K-quant quantiser; llama.cpp's search for scales is finer, so its error is a little lower).
+Weights whose rows do not split into a type's blocks stay bf16, as city96's files keep them F16.
+One step = one forward at batch 1 (1024 px: 4096 image + 512 text tokens). Per variant: weight GB on the device,
+median ms per step (eager, and with Flux.compile_blocks), peak GB during the steps (CUDA), and the relative error
+||out - out_bf16|| / ||out_bf16|| of one forward.
+
+    python bench/gguf.py                                      # CUDA, flux-dev, 1024 px, eager and compiled
+    python bench/gguf.py --device cpu --depth 1 --width 1536 --size 256 --txt 64 --modes eager --steps 2
+"""
+import argparse
+import gc
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+# `python bench/gguf.py` puts bench/ first on the path, where this file would shadow the gguf package
+sys.path[:] = [str(REPO)] + [p for p in sys.path if Path(p or ".").resolve() != REPO / "bench"]
+
+import gguf  # noqa: E402
+import torch  # noqa: E402
+
+from flux_core.checkpoint import load_weights  # noqa: E402
+from flux_core.gguf import Q, use_blocks  # noqa: E402
+from flux_core.model import Flux, preset  # noqa: E402
+from flux_core.ops import Linear  # noqa: E402
+from flux_core.sampling import grid_ids  # noqa: E402
+
+GB = 1e9
+PACKAGE = {"Q8_0", "Q4_0", "Q5_0", "Q5_1", "Q4_1"}
+
+
+# --- a simple K-quant quantiser (torch, vectorised): per 32-weight group an affine 4- or 5-bit grid, its scale and
+# --- offset quantised to 6 bits against the super-block's float16 d and dmin, as ggml lays the blocks out -------------
+
+
+def quantize_k(w: torch.Tensor, bits: int) -> torch.Tensor:  # (rows, cols) float -> (rows, bytes per row) uint8
+    groups = w.float().reshape(w.shape[0], -1, 8, 32)  # (rows, super-blocks, 8 groups, 32)
+    low = groups.amin(-1).clamp(max=0)  # the grid starts at min(w, 0): stored as a positive offset
+    scale = (groups.amax(-1) - low) / (2**bits - 1)
+    d = (scale.amax(-1, keepdim=True) / 63).half()  # (rows, sb, 1)
+    dmin = ((-low).amax(-1, keepdim=True) / 63).half()
+    sc = (scale / d.float().clamp_min(1e-30)).round().clamp(0, 63)
+    mn = (-low / dmin.float().clamp_min(1e-30)).round().clamp(0, 63)
+    step, offset = (d.float() * sc)[..., None], (dmin.float() * mn)[..., None]
+    q = ((groups + offset) / step.clamp_min(1e-30)).round().clamp(0, 2**bits - 1).to(torch.uint8)  # (r, sb, 8, 32)
+    sc, mn = sc.to(torch.uint8), mn.to(torch.uint8)
+    scales = torch.cat(
+        (sc[..., :4] | (sc[..., 4:] >> 4 << 6), mn[..., :4] | (mn[..., 4:] >> 4 << 6), (sc[..., 4:] & 15) | ((mn[..., 4:] & 15) << 4)),
+        dim=-1,
+    )  # (rows, sb, 12)
+    nibbles = (q[..., 0::2, :] & 15) | ((q[..., 1::2, :] & 15) << 4)  # (rows, sb, 4, 32): groups 2c | 2c+1 << 4
+    parts = [d.view(torch.uint8), dmin.view(torch.uint8), scales]
+    if bits == 5:
+        high = (q >> 4) << torch.arange(8, dtype=torch.uint8, device=w.device)[:, None]  # bit g of byte l: group g
+        parts.append(high.sum(-2, dtype=torch.uint8))  # (rows, sb, 32): distinct bits, so the sum is an OR
+    parts.append(nibbles.flatten(-2))
+    return torch.cat(parts, dim=-1).flatten(1)
+
+
+def encode(w: torch.Tensor, kind: str, device) -> tuple[torch.Tensor, Q | None]:
+    """(what the variant stores for Linear weight `w` (float32, CPU), its GGUF type or None)."""
+    if kind == "bf16":
+        return w.to(device, torch.bfloat16), None
+    if kind == "fp8":
+        return w.to(device, torch.bfloat16).to(torch.float8_e4m3fn), None
+    qtype = Q[kind]
+    if w.shape[1] % gguf.GGML_QUANT_SIZES[qtype][0]:
+        return w.to(device, torch.bfloat16), None  # as city96's files keep such rows in F16
+    if kind in PACKAGE:
+        return torch.from_numpy(gguf.quants.quantize(w.numpy(), qtype)).to(device), qtype
+    if kind in ("Q4_K", "Q5_K"):
+        return quantize_k(w.to(device), 4 if kind == "Q4_K" else 5), qtype
+    raise SystemExit(f"no quantiser for {kind}: pick from {sorted(PACKAGE | {'Q4_K', 'Q5_K'})}, bf16, fp8")
+
+
+# --- models ---------------------------------------------------------------------------------------------------------
+
+
+def template(params, seed: int = 0) -> dict[str, torch.Tensor]:
+    """float32 CPU weights of a model with one double and one single block."""
+    one = preset("flux-dev", **{**params.__dict__, "depth": 1, "depth_single_blocks": 1})
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in Flux(one).state_dict().items()}
+    gen, out = torch.Generator().manual_seed(seed), {}
+    for key, shape in shapes.items():
+        if len(shape) == 2:
+            out[key] = torch.randn(shape, generator=gen) / shape[1] ** 0.5
+        elif "norm" in key:
+            out[key] = 1 + 0.1 * torch.randn(shape, generator=gen)
+        else:
+            out[key] = 0.02 * torch.randn(shape, generator=gen)
+    return out
+
+
+def build(params, weights: dict[str, torch.Tensor], kind: str, device) -> Flux:
+    """The variant's model on `device`: every block a copy of the template's, Linear weights encoded once."""
+    with torch.device("meta"):
+        model = Flux(params)
+    linears = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, Linear)}
+    source = {k.replace("double_blocks.0.", "double_blocks.{}.").replace("single_blocks.0.", "single_blocks.{}."): k for k in weights}
+    encoded, state, qtypes = {}, {}, {}
+    for key in model.state_dict():
+        index = key.split(".")[1] if key.startswith(("double_blocks.", "single_blocks.")) else None
+        name = source[key.replace(f".{index}.", ".{}.", 1)] if index is not None else key
+        if key in linears:
+            if name not in encoded:
+                encoded[name] = encode(weights[name], kind, device)
+            value, qtype = encoded[name]
+            if qtype is not None:
+                qtypes[key] = qtype
+        else:
+            value = weights[name].to(device, torch.bfloat16)
+        state[key] = value.clone()  # each block its own memory
+    encoded.clear()
+    use_blocks(model, qtypes)
+    fp8 = torch.float8_e4m3fn if kind == "fp8" else None
+    load_weights(model, state, torch.bfloat16, f"bench {kind}", weight_dtype=fp8)
+    return model.eval().requires_grad_(False)
+
+
+def inputs(params, size: int, txt: int, device) -> dict:
+    gen = torch.Generator().manual_seed(1)
+    side = size // 16
+    return dict(
+        img=torch.randn(1, side * side, params.in_channels, generator=gen), img_ids=grid_ids(side, side),
+        txt=torch.randn(1, txt, params.context_in_dim, generator=gen), txt_ids=torch.zeros(1, txt, 3),
+        timesteps=torch.tensor([0.7]), y=torch.randn(1, params.vec_in_dim, generator=gen), guidance=torch.tensor([3.5]),
+    )  # fmt: skip
+
+
+def measure(model: Flux, x: dict, steps: int, device) -> tuple[list[float], torch.Tensor, float | None]:
+    """(ms of each timed step, the output, peak GB during the timed steps on CUDA)."""
+    x = {k: v.to(device, torch.bfloat16) for k, v in x.items()}
+    cuda = device.type == "cuda"
+    with torch.inference_mode():
+        out = model(**x)  # warm-up (and compilation)
+        if cuda:
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+        times = []
+        for _ in range(steps):
+            start = time.perf_counter()
+            out = model(**x)
+            if cuda:
+                torch.cuda.synchronize(device)
+            times.append((time.perf_counter() - start) * 1e3)
+    peak = torch.cuda.max_memory_allocated(device) / GB if cuda else None
+    return times, out.float().cpu(), peak
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--kinds", default="bf16,fp8,Q8_0,Q5_K,Q4_K,Q4_0", help="bf16 first: the reference")
+    parser.add_argument("--modes", default=None, help="eager,compiled (default: both on CUDA, eager on the CPU)")
+    parser.add_argument("--depth", type=int, default=19, help="double blocks (single blocks: twice as many)")
+    parser.add_argument("--width", type=int, default=3072, help="hidden size (head dim 128)")
+    parser.add_argument("--size", type=int, default=1024, help="image side in pixels")
+    parser.add_argument("--txt", type=int, default=512, help="text tokens")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per variant and mode")
+    parser.add_argument("--json", type=Path, default=None, help="default bench/results/gguf_<device>.json")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    kinds = args.kinds.split(",")
+    modes = (args.modes or ("eager,compiled" if device.type == "cuda" else "eager")).split(",")
+    if kinds[0] != "bf16":
+        raise SystemExit("--kinds must start with bf16: the other variants are compared with it")
+    params = preset("flux-dev", hidden_size=args.width, num_heads=args.width // 128, depth=args.depth,
+                    depth_single_blocks=2 * args.depth)  # fmt: skip
+    weights, x = template(params), inputs(params, args.size, args.txt, device)
+    print(f"{device}, {args.width} wide, {args.depth} + {2 * args.depth} blocks, {args.size} px, {args.txt} text tokens")
+    rows, reference = [], {}
+    for kind in kinds:
+        start = time.perf_counter()
+        model = build(params, weights, kind, device)
+        weight_gb = sum(t.nbytes for t in (*model.parameters(), *model.buffers())) / GB
+        built_s = time.perf_counter() - start
+        for mode in modes:
+            runner = model.twin().compile_blocks() if mode == "compiled" else model
+            times, out, peak = measure(runner, x, args.steps, device)
+            reference.setdefault(mode, out)
+            error = ((out - reference[mode]).norm() / reference[mode].norm()).item()
+            row = dict(kind=kind, mode=mode, weight_gb=round(weight_gb, 3), ms_per_step=round(statistics.median(times), 1),
+                       peak_gb=None if peak is None else round(peak, 3), rel_error=error, build_s=round(built_s, 1))  # fmt: skip
+            base = next(r for r in rows + [row] if r["kind"] == "bf16" and r["mode"] == mode)
+            row["x_bf16"] = round(row["ms_per_step"] / base["ms_per_step"], 2)
+            rows.append(row)
+            peak_text = "" if peak is None else f", peak {peak:6.2f} GB"
+            print(f"{kind:>5} {mode:>8}: {row['ms_per_step']:9.1f} ms/step ({row['x_bf16']:.2f}x bf16), weights "
+                  f"{weight_gb:6.2f} GB{peak_text}, rel. error {error:.4f}")  # fmt: skip
+            del runner
+        del model
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    path = args.json or REPO / "bench" / "results" / f"gguf_{device.type}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = dict(vars(args), device=str(device), json=str(path), gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None)
+    path.write_text(json.dumps({"config": meta, "rows": rows}, indent=1))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
