@@ -4,6 +4,7 @@ a minimal RFC 6455 websocket client (text and binary messages, fragments, ping/p
 """
 import base64
 import hashlib
+import http.client
 import json
 import os
 import re
@@ -19,7 +20,7 @@ from pathlib import Path
 
 from . import host
 from .standins import inside, preview_dir, write_new
-from .workflow import ValidationError, WorkflowError, format_errors, parse_json
+from .workflow import NodeDefs, WorkflowError, format_errors, parse_json
 
 MAX_SERVER_JSON = 64 * 2**20  # /object_info of an install with many packs is large
 MAX_MESSAGE = 64 * 2**20  # one websocket message (previews are the largest)
@@ -35,7 +36,8 @@ class RemoteError(WorkflowError):
 class WebSocket:
     """A minimal websocket client: enough for ComfyUI's /ws (server -> client messages, ping/pong, close)."""
 
-    def __init__(self, url: str, timeout: float):
+    def __init__(self, url: str, timeout: float, server: str):
+        self.server = server  # the name its errors give the server
         parts = urllib.parse.urlsplit(url)
         secure = parts.scheme == "wss"
         self.sock = socket.create_connection((parts.hostname, parts.port or (443 if secure else 80)), timeout=timeout)
@@ -50,7 +52,7 @@ class WebSocket:
         )
         while b"\r\n\r\n" not in self.buffer:
             if len(self.buffer) > 65536:
-                raise RemoteError("the server's websocket handshake answer is too long")
+                raise RemoteError(f"the websocket handshake answer of {server} is too long")
             self._fill(len(self.buffer) + 1)
         head, _, rest = bytes(self.buffer).partition(b"\r\n\r\n")
         self.buffer = bytearray(rest)
@@ -58,13 +60,13 @@ class WebSocket:
         headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
         accept = base64.b64encode(hashlib.sha1((key + WS_GUID).encode()).digest()).decode()
         if status.split()[1:2] != ["101"] or headers.get("sec-websocket-accept") != accept:
-            raise RemoteError(f"the server did not open a websocket at {url} (answered {status!r})")
+            raise RemoteError(f"{server} did not open a websocket at {url} (answered {status!r})")
 
     def _fill(self, size: int) -> None:
         while len(self.buffer) < size:
             chunk = self.sock.recv(65536)
             if not chunk:
-                raise RemoteError("the server closed the websocket connection")
+                raise RemoteError(f"{self.server} closed the websocket connection")
             self.buffer += chunk
 
     def _take(self, size: int) -> bytes:
@@ -92,19 +94,24 @@ class WebSocket:
                 size = int.from_bytes(self._take(2 if size == 126 else 8), "big")
             mask = self._take(4) if second & 0x80 else None
             if len(message) + size > MAX_MESSAGE:
-                raise RemoteError(f"a websocket message from the server exceeds {MAX_MESSAGE // 2**20} MiB")
+                raise RemoteError(f"a websocket message from {self.server} exceeds {MAX_MESSAGE // 2**20} MiB")
             payload = self._take(size)
             if mask:
                 payload = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
             if opcode == 0x8:
-                raise RemoteError("the server closed the websocket connection")
+                raise RemoteError(f"{self.server} closed the websocket connection")
             if opcode == 0x9:
                 self.send(0xA, payload)
             elif opcode in (0x0, 0x1, 0x2):
                 kind = opcode if opcode else kind
                 message += payload
+                if first & 0x80 and kind == 0x1:
+                    try:
+                        return message.decode()
+                    except UnicodeDecodeError:
+                        raise RemoteError(f"{self.server} sent a websocket text message that is not UTF-8") from None
                 if first & 0x80:
-                    return message.decode() if kind == 0x1 else bytes(message)
+                    return bytes(message)
 
     def close(self) -> None:
         try:
@@ -132,7 +139,11 @@ def _copy(response, file, limit: int, what: str) -> None:
 
 class Server:
     def __init__(self, url: str):
-        parts = urllib.parse.urlsplit(url)
+        try:
+            parts = urllib.parse.urlsplit(url)
+            parts.port  # raises on a port that is not a number in range
+        except ValueError as e:
+            raise RemoteError(f"--server {url!r}: {e}; expected a URL such as http://127.0.0.1:8188") from None
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise RemoteError(f"--server {url!r}: expected an http(s) URL such as http://127.0.0.1:8188")
         self.base = url.rstrip("/")
@@ -146,22 +157,36 @@ class Server:
             raise
         except (urllib.error.URLError, OSError) as e:
             raise RemoteError(f"cannot reach the ComfyUI server at {self.base}: {getattr(e, 'reason', e)}") from None
+        except (http.client.HTTPException, ValueError) as e:  # BadStatusLine, InvalidURL...
+            raise RemoteError(f"{self.base} did not answer {path} as an HTTP server: {type(e).__name__}: {str(e)[:100]!r}") from None
 
-    def _json(self, path: str, body: dict | None = None):
+    def _json(self, path: str, body: dict | None = None) -> dict:
+        """The JSON object answering a request; a refusal of /prompt (HTTP 400) as the errors it names."""
+        what = f"the answer of {self.base} to {path}"
         try:
             with self._open(path, body) as response:
-                return parse_json(_read(response, MAX_SERVER_JSON, path), f"the answer to {path}", MAX_SERVER_JSON)
+                answer = parse_json(_read(response, MAX_SERVER_JSON, path), what, MAX_SERVER_JSON)
         except urllib.error.HTTPError as e:
             answer = e.read(MAX_SERVER_JSON)
             if path == "/prompt" and e.code == 400:
-                refusal = parse_json(answer, "the server's refusal", MAX_SERVER_JSON)
-                raise ValidationError(refusal.get("error"), refusal.get("node_errors") or {},
-                                      "the server refused the workflow") from None  # fmt: skip
+                raise _refusal(parse_json(answer, what, MAX_SERVER_JSON), self.base) from None
             raise RemoteError(f"{path} on {self.base}: HTTP {e.code} {e.reason}: {answer[:300].decode(errors='replace')}") from None
+        except http.client.HTTPException as e:  # the body broke off
+            raise RemoteError(f"{what} broke off: {type(e).__name__}: {str(e)[:100]!r}") from None
+        if not isinstance(answer, dict):
+            raise RemoteError(f"{what} is a JSON {type(answer).__name__}, not an object: {str(answer)[:200]}")
+        return answer
 
-    def object_info(self) -> dict:
+    def node_defs(self) -> NodeDefs:
         """The server's node definitions (for UI -> API conversion and --set)."""
-        return self._json("/object_info")
+        info = self._json("/object_info")
+        bad = next((name for name, d in info.items() if not isinstance(d, dict)), None)
+        if bad is not None:
+            raise RemoteError(f"the node definitions of {self.base} (/object_info) give {bad!r} as {str(info[bad])[:100]}, not an object")
+        try:
+            return NodeDefs.from_object_info(info)
+        except (AttributeError, TypeError, ValueError, KeyError, IndexError) as e:
+            raise RemoteError(f"the node definitions of {self.base} (/object_info) are malformed: {type(e).__name__}: {e}") from None
 
     def run(self, prompt: dict, extra_pnginfo: dict, output_dir: Path, timeout: float) -> list[Path]:
         """Queues the prompt, follows it to the end, downloads its images; the local paths written."""
@@ -172,16 +197,16 @@ class Server:
             ("wss" if parts.scheme == "https" else "ws", parts.netloc, parts.path + "/ws", f"clientId={client_id}", "")
         )
         try:
-            ws = WebSocket(ws_url, HTTP_TIMEOUT)
+            ws = WebSocket(ws_url, HTTP_TIMEOUT, self.base)
         except OSError as e:
             raise RemoteError(f"cannot open the websocket {ws_url}: {e}") from None
         try:
             body = {"prompt": prompt, "client_id": client_id, "extra_data": {"extra_pnginfo": extra_pnginfo}}
             answer = self._json("/prompt", body)
-            prompt_id = answer.get("prompt_id") if isinstance(answer, dict) else None
+            prompt_id = answer.get("prompt_id")
             if not isinstance(prompt_id, str):
                 raise RemoteError(f"{self.base} answered POST /prompt without a prompt_id: {str(answer)[:300]}")
-            for line in format_errors(None, answer.get("node_errors") or {}):  # outputs the server will skip
+            for line in _error_lines(None, answer.get("node_errors")):  # outputs the server will skip
                 print(f"warning: {line}", file=sys.stderr)
             print(f"queued as {prompt_id} on {self.base}", file=sys.stderr)
             _follow(ws, prompt_id, prompt, deadline)
@@ -192,11 +217,12 @@ class Server:
         finally:
             ws.close()
         history = self._json(f"/history/{urllib.parse.quote(prompt_id)}").get(prompt_id)
-        if not isinstance(history, dict):
-            raise RemoteError(f"{self.base} has no history entry for prompt {prompt_id}")
+        if not isinstance(history, dict) or not isinstance(history.get("outputs") or {}, dict):
+            raise RemoteError(f"{self.base} has no history entry with outputs for prompt {prompt_id}")
         items = [
-            item for out in (history.get("outputs") or {}).values() for values in out.values() if isinstance(values, list)
-            for item in values if isinstance(item, dict) and "filename" in item
+            item for out in (history.get("outputs") or {}).values() if isinstance(out, dict)
+            for values in out.values() if isinstance(values, list)
+            for item in values if isinstance(item, dict) and isinstance(item.get("filename"), str)
         ]  # fmt: skip
         return [self.download(item, output_dir) for item in items]
 
@@ -204,7 +230,7 @@ class Server:
         """One output file via /view, saved under its subfolder with a new local counter (never overwriting)."""
         kind = item.get("type") or "output"
         try:
-            folder = inside(output_dir if kind == "output" else preview_dir(), item.get("subfolder") or ".", "server subfolder")
+            folder = inside(output_dir if kind == "output" else preview_dir(), str(item.get("subfolder") or "."), "server subfolder")
         except ValueError as e:
             raise RemoteError(f"refusing an output of the server: {e}") from None
         name = Path(str(item["filename"]).replace("\\", "/")).name  # never a path chosen by the server
@@ -218,6 +244,23 @@ class Server:
             raise RemoteError(f"downloading {name} from {self.base}: HTTP {e.code} {e.reason}") from None
 
 
+def _error_lines(error, node_errors) -> list[str]:
+    """format_errors of what a server sent, which may be of any shape."""
+    try:
+        return format_errors(error if isinstance(error, dict) else None, node_errors if isinstance(node_errors, dict) else {})
+    except (AttributeError, TypeError, ValueError) as e:
+        return [f"(errors in a form not understood: {type(e).__name__}: {str(node_errors)[:200]})"]
+
+
+def _refusal(refusal, base: str) -> WorkflowError:
+    """The error for a POST /prompt answered with HTTP 400."""
+    if not isinstance(refusal, dict):
+        return RemoteError(f"the server at {base} refused the workflow (HTTP 400) with a JSON {type(refusal).__name__}: "
+                           f"{str(refusal)[:200]}")  # fmt: skip
+    lines = _error_lines(refusal.get("error"), refusal.get("node_errors"))
+    return RemoteError(f"the server at {base} refused the workflow:\n  " + "\n  ".join(lines or ["(no reason given)"]))
+
+
 def _follow(ws: WebSocket, prompt_id: str, prompt: dict, deadline: float) -> None:
     """Prints the prompt's progress until the server reports it finished; raises on its errors."""
     bar = None
@@ -225,7 +268,7 @@ def _follow(ws: WebSocket, prompt_id: str, prompt: dict, deadline: float) -> Non
         message = ws.recv(deadline - time.monotonic())
         if isinstance(message, bytes):
             continue  # preview images
-        message = parse_json(message, "a websocket message", MAX_MESSAGE)
+        message = parse_json(message, f"a websocket message from {ws.server}", MAX_MESSAGE)
         if not isinstance(message, dict) or not isinstance(message.get("data"), dict):
             continue
         kind, data = message.get("type"), message["data"]
@@ -238,14 +281,14 @@ def _follow(ws: WebSocket, prompt_id: str, prompt: dict, deadline: float) -> Non
                 return
             print(f"running {where}", file=sys.stderr, flush=True)
             bar = None
-        elif kind == "progress":
-            bar = bar or host.progress_bar(data.get("max", 1))
-            bar.update_absolute(data.get("value", 0), data.get("max"))
-        elif kind == "execution_cached" and data.get("nodes"):
+        elif kind == "progress" and all(isinstance(data.get(k), (int, float)) for k in ("value", "max")):
+            bar = bar or host.progress_bar(data["max"])
+            bar.update_absolute(data["value"], data["max"])
+        elif kind == "execution_cached" and isinstance(data.get("nodes"), list) and data["nodes"]:
             print(f"cached: nodes {', '.join(map(str, data['nodes']))}", file=sys.stderr)
         elif kind == "execution_error":
             raise RemoteError(
-                f"{where} failed on the server: {data.get('exception_type', 'error')}: {data.get('exception_message', '').strip()}"
+                f"{where} failed on the server: {data.get('exception_type', 'error')}: {str(data.get('exception_message', '')).strip()}"
             )
         elif kind == "execution_interrupted":
             raise RemoteError(f"the prompt was interrupted on the server at {where}")

@@ -190,7 +190,7 @@ def main(argv=None, classes: dict | None = None, display_names: dict | None = No
             host.configure(args.models)
         if args.server:
             server = remote.Server(args.server)
-            defs = NodeDefs.from_object_info(server.object_info())
+            defs = server.node_defs()
         else:
             if classes is None:
                 classes, display_names = _pack_nodes()

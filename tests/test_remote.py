@@ -43,7 +43,9 @@ def read_client_frame(rfile) -> tuple[int, bytes]:
 
 
 class FakeComfy:
-    """scenario: "success", "refuse" (400 with node_errors), "fail" (execution_error), "escape" (bad subfolder)."""
+    """scenario: "success", "refuse" (400 with node_errors), "fail" (execution_error), "escape" (bad subfolder), or
+    a misbehaviour: "garbage" (no HTTP at all), "info list", "info entry", "refuse list", "history list", "ws bytes"
+    (a text frame that is not UTF-8)."""
 
     def __init__(self, scenario: str):
         self.scenario, self.posted, self.views, self.pongs, self.client_ids = scenario, [], [], [], []
@@ -51,6 +53,7 @@ class FakeComfy:
         self.image = png_bytes(123)
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.httpd.daemon_threads = True
+        self.httpd.handle_error = lambda request, address: None  # a client hanging up is no news here
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
         self.timer = threading.Timer(LIFETIME, self.httpd.shutdown)
 
@@ -97,9 +100,17 @@ class FakeComfy:
                 self.end_headers()
                 self.wfile.write(body)
 
+            def garbage(self) -> bool:
+                if fake.scenario == "garbage":
+                    self.wfile.write(bytes(range(256)) + b"\r\n\r\n")
+                    self.close_connection = True
+                return fake.scenario == "garbage"
+
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 fake.posted.append(body)
+                if fake.scenario == "refuse list":
+                    return self.answer(400, b'["no", "reasons"]')
                 if fake.scenario == "refuse":
                     error = {"type": "value_not_in_list", "message": "Value not in list",
                              "details": "mode: 'dpm' not in ['euler', 'heun']", "extra_info": {"input_name": "mode", "received_value": "dpm"}}  # fmt: skip
@@ -113,6 +124,10 @@ class FakeComfy:
             def do_GET(self):
                 url = urllib.parse.urlsplit(self.path)
                 query = dict(urllib.parse.parse_qsl(url.query))
+                if self.garbage():
+                    return
+                if url.path == "/object_info" and fake.scenario in ("info list", "info entry"):
+                    return self.answer(200, b"[1, 2]" if fake.scenario == "info list" else b'{"SaveImage": 5}')
                 if url.path == "/object_info":
                     d = defs()
                     info = {n: {"input": c.INPUT_TYPES(), "output": c.RETURN_TYPES, "output_node": getattr(c, "OUTPUT_NODE", False),
@@ -124,7 +139,7 @@ class FakeComfy:
                     subfolder = "../../evil" if fake.scenario == "escape" else "flux"
                     image = {"filename": "test_00041_.png", "subfolder": subfolder, "type": "output"}
                     history = {PROMPT_ID: {"outputs": {"10": {"images": [image]}}, "status": {"status_str": "success"}}}
-                    return self.answer(200, json.dumps(history).encode())
+                    return self.answer(200, json.dumps([history] if fake.scenario == "history list" else history).encode())
                 if url.path == "/view":
                     fake.views.append(query)
                     return self.answer(200, fake.image, "image/png")
@@ -142,6 +157,8 @@ class FakeComfy:
                 fake.pongs.append(read_client_frame(self.rfile))
                 fake.queued.get(timeout=10)  # the client connects before it queues the prompt
                 self.wfile.write(frame(0x2, b"\x00\x00\x00\x01preview bytes"))
+                if fake.scenario == "ws bytes":
+                    self.wfile.write(frame(0x1, b'{"type": "\xff\xfe"}'))
                 for i, message in enumerate(fake.messages()):
                     data = json.dumps(message).encode()
                     if i == 3:  # one message in two fragments with a ping between them
@@ -187,7 +204,7 @@ def test_server_refusal_reports_node_errors(tmp_path, capsys):
         assert server_cli(tmp_path, fake, SAMPLE_API) == 1
     assert fake.posted[0]["prompt"] == SAMPLE_API and fake.posted[0]["extra_data"] == {"extra_pnginfo": {}}
     err = capsys.readouterr().err
-    assert "the server refused the workflow" in err
+    assert f"error: the server at {fake.url} refused the workflow:\n" in err
     assert "node 7 (Sampler) input 'mode': Value not in list [mode: 'dpm' not in ['euler', 'heun']]" in err
     assert not (tmp_path / "out").exists()
 
@@ -207,8 +224,28 @@ def test_server_output_names_cannot_leave_the_output_folder(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("url, message", [("ftp://127.0.0.1:1", "expected an http(s) URL"),
-                                          ("http://127.0.0.1:1", "cannot reach the ComfyUI server")])  # fmt: skip
+                                          ("http://127.0.0.1:1", "cannot reach the ComfyUI server"),
+                                          ("http://127.0.0.1:abc", "'http://127.0.0.1:abc': Port could not be cast"),
+                                          ("http://127.0.0.1:99999", "'http://127.0.0.1:99999': Port out of range")])  # fmt: skip
 def test_bad_or_unreachable_server(tmp_path, capsys, url, message):
     (tmp_path / "wf.json").write_text(json.dumps(SAMPLE_API))
     assert runner.main(["run", str(tmp_path / "wf.json"), "--server", url]) == 1
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("scenario, message", [
+    ("garbage", "did not answer /object_info as an HTTP server: BadStatusLine"),
+    ("info list", "to /object_info is a JSON list, not an object: [1, 2]"),
+    ("info entry", "(/object_info) give 'SaveImage' as 5, not an object"),
+    ("refuse list", "refused the workflow (HTTP 400) with a JSON list: ['no', 'reasons']"),
+    ("history list", f"to /history/{PROMPT_ID} is a JSON list, not an object"),
+    ("ws bytes", "sent a websocket text message that is not UTF-8"),
+])  # fmt: skip
+def test_a_misbehaving_server_gets_one_line_naming_it(tmp_path, capsys, scenario, message):
+    with FakeComfy(scenario) as fake:
+        assert server_cli(tmp_path, fake, SAMPLE_API) == 1
+    err = capsys.readouterr().err
+    line = err.splitlines()[-1]  # after the progress lines, if any
+    assert "Traceback" not in err and err.count("error: ") == 1 and line.startswith("error: "), err
+    assert fake.url in line and message in line, line
+    assert not (tmp_path / "out").exists()
