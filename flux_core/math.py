@@ -53,8 +53,18 @@ def apply_rope(x: Tensor, pe: Tensor) -> Tensor:
     return torch.view_as_real(rotated).flatten(-2)
 
 
+sequence_attention = None  # set while a sequence-parallel forward runs (flux_core.parallel): same contract
+
+
 def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """(B, L, H, D) q, k, v (any strides; q, k rotated, possibly wider than v) -> (B, L, H*D) in v's dtype."""
+    if sequence_attention is not None:
+        return sequence_attention(q, k, v)
+    return local_attention(q, k, v)
+
+
+def local_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """`attention` over the tokens of this process."""
     if onednn_inference(v, q, k):  # v carries the compute dtype; q, k are float32+
         return _cpu_attention(q, k, v)
     x = F.scaled_dot_product_attention(*(t.to(v.dtype).transpose(1, 2) for t in (q, k, v)))

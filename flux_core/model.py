@@ -1,4 +1,5 @@
 """The Flux rectified-flow transformer (FLUX.1), its parameters and the named presets."""
+import contextlib
 import copy
 from dataclasses import dataclass, replace
 
@@ -6,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import parallel
 from .layers import DoubleStreamBlock, EmbedND, LastLayer, MLPEmbedder, SingleStreamBlock
 from .math import island_dtype, timestep_embedding
 from .ops import Linear
@@ -160,13 +162,18 @@ class Flux(nn.Module):
             txt_ids, img_ids = txt_ids.expand(img.shape[0], -1, -1), img_ids.expand(img.shape[0], -1, -1)
         ids = torch.cat((txt_ids, img_ids), dim=1)  # text first, as the tokens
         pe = self.pe_embedder(ids.to(island_dtype(dtype)))  # (B, Lt + Li, 1, head_dim/2, 2) cos | sin
+        shards = parallel.shards(txt.shape[1], img.shape[1])  # None unless inside parallel.sequence_parallel
+        if shards is not None:  # this rank's tokens; attention still sees all of them
+            txt, img, pe = shards.split(txt, img, pe)
         run = block_runner(self)  # run(i, block, *args): block i's weights streamed in when not resident
-        for i, block in enumerate(self.double_blocks):
-            img, txt = run(i, block, img, txt, silu_vec, pe)
-        x = torch.cat((txt, img), dim=1)
-        for i, block in enumerate(self.single_blocks, len(self.double_blocks)):
-            x = run(i, block, x, silu_vec, pe)
-        return self.final_layer(x[:, txt.shape[1] :], silu_vec)
+        with shards.attending() if shards is not None else contextlib.nullcontext():
+            for i, block in enumerate(self.double_blocks):
+                img, txt = run(i, block, img, txt, silu_vec, pe)
+            x = torch.cat((txt, img), dim=1)
+            for i, block in enumerate(self.single_blocks, len(self.double_blocks)):
+                x = run(i, block, x, silu_vec, pe)
+        out = self.final_layer(x[:, txt.shape[1] :], silu_vec)
+        return shards.gather(out) if shards is not None else out
 
     def _check_inputs(self, img, img_ids, txt, txt_ids, timesteps, y, guidance) -> None:
         p = self.params

@@ -1,0 +1,119 @@
+"""One image on several devices: sequence parallelism over `torch.distributed` (Ulysses, DeepSpeed's scheme).
+
+Inside `sequence_parallel(group)`, every Flux forward splits its text and image tokens across the group's ranks
+(each rank runs its share through every block: modulation, norms, MLPs and projections are per token) and the
+joint attention runs over the whole sequence: one all-to-all trades each rank's tokens of all heads for all
+tokens of its heads, attention runs per head group, a second all-to-all sends the results back. RoPE is applied
+before the exchange, token by token, so the order the ranks' tokens meet in does not matter (attention has no mask).
+Every rank ends with the whole output. Token counts need not divide evenly (all_to_all_single takes uneven
+splits); the head count must divide by the group size. Every rank passes the same inputs, as in one process.
+
+    torch.distributed.init_process_group()          # under torchrun: NCCL on GPUs, gloo on CPUs
+    with sequence_parallel():                       # the default group: every rank
+        velocity = model(img, img_ids, txt, txt_ids, timesteps, y, guidance)
+"""
+import contextlib
+from collections.abc import Iterator
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from . import math as flux_math
+from .ops import onednn_inference
+
+_active: list[dist.ProcessGroup] = []  # the groups of the open sequence_parallel contexts, read by Flux.forward
+_attending: list["Shards"] = []  # the forwards whose blocks are running
+
+
+@contextlib.contextmanager
+def sequence_parallel(group: dist.ProcessGroup | None = None) -> Iterator[None]:
+    """Flux forwards inside this context run sequence-parallel over `group` (default: the whole world)."""
+    group = group or dist.group.WORLD
+    _active.append(group)
+    try:
+        yield
+    finally:
+        _active.pop()
+
+
+def shards(txt_len: int, img_len: int) -> "Shards | None":
+    """This rank's share of a (txt_len + img_len)-token forward, or None outside `sequence_parallel` (or on one rank)."""
+    if not _active or dist.get_world_size(_active[-1]) == 1:
+        return None
+    return Shards(_active[-1], txt_len, img_len)
+
+
+def split_sizes(length: int, parts: int) -> list[int]:
+    """torch.tensor_split's sizes: the first length % parts shares one longer."""
+    return [length // parts + (rank < length % parts) for rank in range(parts)]
+
+
+class Shards:
+    """The split of one forward's tokens: rank r holds text tokens txt_sizes[r] and image tokens img_sizes[r],
+    laid out [its text | its image] as a whole-sequence forward lays out [text | image]."""
+
+    def __init__(self, group: dist.ProcessGroup, txt_len: int, img_len: int):
+        self.group, self.world, self.rank = group, dist.get_world_size(group), dist.get_rank(group)
+        self.txt_sizes, self.img_sizes = split_sizes(txt_len, self.world), split_sizes(img_len, self.world)
+        self.sizes = [t + i for t, i in zip(self.txt_sizes, self.img_sizes)]  # tokens per rank
+
+    def _mine(self, x: Tensor, sizes: list[int]) -> Tensor:
+        return x.split(sizes, dim=1)[self.rank]
+
+    def split(self, txt: Tensor, img: Tensor, pe: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(B, Lt, D) text, (B, Li, D) image, (B, Lt + Li, ...) RoPE -> this rank's tokens and their rotations."""
+        txt_pe, img_pe = pe.split((txt.shape[1], img.shape[1]), dim=1)
+        pe = torch.cat((self._mine(txt_pe, self.txt_sizes), self._mine(img_pe, self.img_sizes)), dim=1)
+        return self._mine(txt, self.txt_sizes), self._mine(img, self.img_sizes), pe
+
+    def gather(self, img: Tensor) -> Tensor:
+        """(B, Li_r, C) this rank's image tokens -> (B, Li, C) all of them, on every rank."""
+        longest = max(self.img_sizes)  # all_gather wants equal shapes (gloo): pad, then trim
+        padded = img.new_zeros(img.shape[0], longest, img.shape[2])
+        padded[:, : img.shape[1]] = img
+        pieces = [torch.empty_like(padded) for _ in range(self.world)]
+        dist.all_gather(pieces, padded.contiguous(), group=self.group)
+        return torch.cat([piece[:, :size] for piece, size in zip(pieces, self.img_sizes)], dim=1)
+
+    @contextlib.contextmanager
+    def attending(self) -> Iterator[None]:
+        """flux_core.math.attention runs over the whole sequence while the blocks run."""
+        previous, flux_math.sequence_attention = flux_math.sequence_attention, _sequence_attention
+        _attending.append(self)
+        try:
+            yield
+        finally:
+            _attending.pop()
+            flux_math.sequence_attention = previous
+
+    def attention(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """(B, L_r, H, D) q, k, v of this rank's tokens -> (B, L_r, H*D): attention over every rank's tokens."""
+        batch, length, heads, dim = v.shape
+        if heads % self.world:
+            raise ValueError(f"sequence parallel needs the head count ({heads}) divisible by the ranks ({self.world})")
+        local = heads // self.world
+        # One buffer for the exchange: v's dtype, which the attention computes in, unless the CPU path wants
+        # float32 q, k (then v rides along in float32, exactly, and is cast back).
+        dtype = torch.float32 if onednn_inference(v, q, k) else v.dtype
+        qkv = torch.stack([t.to(dtype) for t in (q, k, v)])  # (3, B, L_r, H, D)
+        send = qkv.view(3, batch, length, self.world, local, dim).permute(3, 0, 1, 2, 4, 5).contiguous()
+        received = send.new_empty(3 * batch * sum(self.sizes) * local * dim)
+        per_token = 3 * batch * local * dim
+        dist.all_to_all_single(received, send.view(-1), [n * per_token for n in self.sizes],
+                               [length * per_token] * self.world, group=self.group)  # fmt: skip
+        chunks = received.split([n * per_token for n in self.sizes])
+        qkv = torch.cat([c.view(3, batch, n, local, dim) for c, n in zip(chunks, self.sizes)], dim=2)  # (3, B, L, h, D)
+        out = flux_math.local_attention(qkv[0], qkv[1], qkv[2].to(v.dtype)).view(batch, -1, local, dim)  # (B, L, h, D)
+        send = torch.cat([o.reshape(-1) for o in out.split(self.sizes, dim=1)])  # by destination: its tokens
+        received = send.new_empty(self.world * batch * length * local * dim)
+        per_token = batch * local * dim
+        dist.all_to_all_single(received, send, [length * per_token] * self.world,
+                               [n * per_token for n in self.sizes], group=self.group)  # fmt: skip
+        heads_out = received.view(self.world, batch, length, local, dim).permute(1, 2, 0, 3, 4)  # (B, L_r, W, h, D)
+        return heads_out.reshape(batch, length, heads * dim)
+
+
+@torch.compiler.disable  # one stable hook (no recompiles per forward); compiled blocks run the collectives eagerly
+def _sequence_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    return _attending[-1].attention(q, k, v)
