@@ -19,6 +19,7 @@ from .ops import Linear
 Q = gguf.GGMLQuantizationType
 QK_K = 256  # weights per K-quant super-block
 NATIVE = {Q.F32: torch.float32, Q.F16: torch.float16, Q.BF16: torch.bfloat16}
+EAGER_CHUNK = 2**24  # weights dequantised at once outside torch.compile
 
 # The usual GGUF types: bits per weight (scales included) and quality as they are commonly described; for tooltips.
 QUANT_NOTES = {
@@ -164,11 +165,19 @@ SUPPORTED = (*NATIVE, *_DEQUANTIZE)
 
 def dequantize(raw: Tensor, qtype: Q, dtype: torch.dtype = torch.float32) -> Tensor:
     """(..., bytes per row) GGUF data -> (..., weights per row) in `dtype`: computed in float32 as ggml's reference,
-    rounded once. Vectorised over all blocks (no Python loop), so torch.compile fuses it into one kernel."""
+    rounded once. Vectorised over all blocks, so torch.compile fuses it into one kernel; eager, a large matrix goes
+    EAGER_CHUNK weights at a time, which bounds the float32 intermediates (a flux-dev layer has 66M weights)."""
     if qtype in NATIVE:
         return raw.view(NATIVE[qtype]).to(dtype)
-    type_size = gguf.GGML_QUANT_SIZES[qtype][1]
-    return _DEQUANTIZE[qtype](raw.unflatten(-1, (-1, type_size))).flatten(-2).to(dtype)
+    block_size, type_size = gguf.GGML_QUANT_SIZES[qtype]
+    unpack, blocks = _DEQUANTIZE[qtype], raw.unflatten(-1, (-1, type_size))  # (..., blocks, type_size)
+    rows = max(1, EAGER_CHUNK // (blocks.shape[-2] * block_size))
+    if raw.ndim != 2 or raw.shape[0] <= rows or torch.compiler.is_compiling():
+        return unpack(blocks).flatten(-2).to(dtype)
+    out = raw.new_empty(raw.shape[0], blocks.shape[-2] * block_size, dtype=dtype)
+    for start in range(0, raw.shape[0], rows):
+        out[start : start + rows] = unpack(blocks[start : start + rows]).flatten(-2)
+    return out
 
 
 class GGUFLinear(Linear):
