@@ -79,7 +79,7 @@ def activation_bytes(tokens: int, width: int, dtype: torch.dtype, largest_upcast
 def flux_activation_bytes(model: nn.Module, batch: int, img_tokens: int, txt_tokens: int) -> int:
     """activation_bytes for a Flux transformer at this batch (x2 with cfg) and sequence."""
     dtype = model.compute_dtype
-    upcast = max((m.weight.numel() * dtype.itemsize for m in model.modules()
+    upcast = max((m.in_features * m.out_features * dtype.itemsize for m in model.modules()  # GGUF: not the bytes
                   if isinstance(m, nn.Linear) and m.weight.dtype != dtype), default=0)  # fmt: skip
     return activation_bytes(batch * (img_tokens + txt_tokens), model.params.hidden_size, dtype, upcast)
 
