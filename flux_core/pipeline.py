@@ -37,6 +37,8 @@ class Conditioning:
 
     txt: Tensor  # (B, Lt, context_in_dim)
     y: Tensor | None = None  # (B, vec_in_dim)
+    guidance: float | None = None  # this prompt's distilled guidance; None: sample()'s guidance
+    strength: float = 1.0  # weight among combined prompts (ComfyUI's conditioning "strength")
 
     def repeat_to(self, batch: int) -> "Conditioning":
         """Broadcast a single prompt over a batch of latents."""
@@ -44,11 +46,15 @@ class Conditioning:
             return self
         if self.txt.shape[0] != 1:
             raise ValueError(f"conditioning has batch {self.txt.shape[0]} but the latent has batch {batch}")
-        return Conditioning(self.txt.expand(batch, -1, -1), None if self.y is None else self.y.expand(batch, -1))
+        y = None if self.y is None else self.y.expand(batch, -1)
+        return Conditioning(self.txt.expand(batch, -1, -1), y, self.guidance, self.strength)
 
 
-def seeded_noise(shape: tuple[int, ...], seed: int) -> Tensor:
-    """float32 CPU noise, item i drawn from seed + i: a batch equals its items generated one by one."""
+def seeded_noise(shape: tuple[int, ...], seed: int, per_item: bool = True) -> Tensor:
+    """float32 CPU noise. per_item: item i drawn from seed + i, so a batch equals its items generated one by one;
+    else the whole batch from one generator, as ComfyUI's prepare_noise (item 0 is the same either way)."""
+    if not per_item:
+        return torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seed))
     return torch.stack([torch.randn(shape[1:], generator=torch.Generator("cpu").manual_seed((seed + i) % 2**64)) for i in range(shape[0])])
 
 
@@ -63,13 +69,13 @@ def check_sampling(steps: int, seed: int, guidance: float, cfg: float, denoise: 
 
 def sample(
     model: Flux,
-    positive: Conditioning,
+    positive: Conditioning | list[Conditioning],
     latent: Tensor,  # (B, 16, H/8, W/8) scaled start latent (zeros for text-to-image)
     seed: int,
     steps: int,
     guidance: float = 3.5,
     cfg: float = 1.0,
-    negative: Conditioning | None = None,
+    negative: Conditioning | list[Conditioning] | None = None,
     denoise: float = 1.0,
     flow: FlowMatch | None = None,
     noise: Tensor | None = None,
@@ -78,8 +84,10 @@ def sample(
 ) -> Tensor:
     """Euler sampling from `latent` noised to the schedule's first time; returns the scaled latent (B, 16, h, w).
 
-    Guidance-distilled models (dev) get `guidance` as an input; `cfg` > 1 adds true classifier-free guidance with
-    `negative` (both passes in one batched forward). `flow` defaults to a shifted schedule for guidance-distilled
+    Guidance-distilled models (dev) get a prompt's own `guidance`, else `guidance`, as an input; `cfg` > 1 adds true
+    classifier-free guidance with `negative`. Several prompts on a side (ComfyUI's ConditioningCombine) each predict
+    a velocity and are averaged, weighted by their strength, as ComfyUI does for prompts without an area; prompts of
+    one token length run in one batched forward. `flow` defaults to a shifted schedule for guidance-distilled
     models and the linear one otherwise (schnell), as the reference. `image_cond` carries the image inputs of
     Kontext, Fill and Canny/Depth models (flux_core.tools).
     """
@@ -96,28 +104,55 @@ def sample(
     noise = seeded_noise(tuple(latent.shape), seed) if noise is None else noise
     x = pack(flow.noised(latent.float(), noise, torch.full((batch,), timesteps[0]))).to(device)  # (B, L, 64)
 
-    conds = [positive.repeat_to(batch)] + ([negative.repeat_to(batch)] if cfg > 1 else [])
-    copies = len(conds)
-    if copies == 2 and positive.txt.shape[1] != negative.txt.shape[1]:
-        raise ValueError("positive and negative prompts must be encoded to the same token length for cfg")
-    txt = torch.cat([c.txt for c in conds]).to(device, dtype)
-    y = None if positive.y is None else torch.cat([c.y for c in conds]).to(device, dtype)
+    pos, neg = _entries(positive, "positive"), (_entries(negative, "negative") if cfg > 1 else [])
+    conds = [c.repeat_to(batch) for c in pos + neg]
+    by_length = {}  # token length -> indices of the prompts of that length: one forward each
+    for i, c in enumerate(conds):
+        by_length.setdefault(c.txt.shape[1], []).append(i)
+    passes = []
+    for idx in by_length.values():
+        group = [conds[i] for i in idx]
+        txt = torch.cat([c.txt for c in group]).to(device, dtype)
+        y = None if group[0].y is None else torch.cat([c.y for c in group]).to(device, dtype)
+        g = [guidance if c.guidance is None else c.guidance for c in group]
+        g = torch.tensor(g, device=device).repeat_interleave(batch) if model.params.guidance_embed else None
+        passes.append((idx, txt, y, g, text_ids(txt.shape[1]).to(device)))
     img_ids_ = image_ids(height, width).to(device)
-    txt_ids_ = text_ids(txt.shape[1]).to(device)
-    guidance_vec = torch.full((batch * copies,), guidance, device=device) if model.params.guidance_embed else None
 
     def velocity(x: Tensor, t: float) -> Tensor:
-        t_vec = torch.full((batch * copies,), t, device=device)  # float32 time, as ComfyUI
-        img, img_ids = image_cond.model_input(x if copies == 1 else x.repeat(copies, 1, 1), img_ids_)
-        v = model(img, img_ids, txt, txt_ids_, t_vec, y=y, guidance=guidance_vec)[:, : x.shape[1]].float()  # generated tokens
-        if copies == 1:
-            return v
-        pos, neg = v.chunk(2)
-        return neg + cfg * (pos - neg)
+        out = [None] * len(conds)
+        for idx, txt, y, g, txt_ids_ in passes:
+            copies = len(idx)
+            t_vec = torch.full((batch * copies,), t, device=device)  # float32 time, as ComfyUI
+            img, img_ids = image_cond.model_input(x if copies == 1 else x.repeat(copies, 1, 1), img_ids_)
+            v = model(img, img_ids, txt, txt_ids_, t_vec, y=y, guidance=g)[:, : x.shape[1]].float()  # generated tokens
+            for i, v_i in zip(idx, v.chunk(copies)):
+                out[i] = v_i
+        v_pos = _weighted_mean(out[: len(pos)], pos)
+        if not neg:
+            return v_pos
+        v_neg = _weighted_mean(out[len(pos) :], neg)
+        return v_neg + cfg * (v_pos - v_neg)
 
     with torch.inference_mode():
         x = flow.euler(velocity, x, timesteps, callback)
     return unpack(x.cpu(), height, width)
+
+
+def _entries(conditioning: Conditioning | list[Conditioning], what: str) -> list[Conditioning]:
+    entries = [conditioning] if isinstance(conditioning, Conditioning) else list(conditioning)
+    if not entries:
+        raise ValueError(f"the {what} conditioning is empty")
+    check_finite(**{f"{what} strength": sum(c.strength for c in entries)})
+    if sum(c.strength for c in entries) <= 0:
+        raise ValueError(f"the {what} prompts' strengths sum to {sum(c.strength for c in entries)}; give one a strength > 0")
+    return entries
+
+
+def _weighted_mean(velocities: list[Tensor], entries: list[Conditioning]) -> Tensor:
+    if len(velocities) == 1:
+        return velocities[0]
+    return sum(v * c.strength for v, c in zip(velocities, entries)) / sum(c.strength for c in entries)
 
 
 def empty_latent(width: int, height: int, batch: int = 1) -> Tensor:

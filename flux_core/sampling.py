@@ -17,6 +17,10 @@ MAX_RESOLUTION = 16384  # largest width/height, ComfyUI's (nodes.MAX_RESOLUTION)
 MAX_BATCH = 4096  # largest batch, ComfyUI's (EmptySD3LatentImage)
 
 
+# ComfyUI's sigma tables: ModelSamplingFlux (shifted, dev-type) has 10000 entries, schnell's discrete flow 1000.
+COMFY_GRID = {True: 10_000, False: 1_000}
+
+
 class SamplingInterrupted(RuntimeError):
     """Raised from a step callback to stop sampling between two steps."""
 
@@ -54,6 +58,7 @@ class FlowMatch:
     shift: bool = True
     base_shift: float = 0.5
     max_shift: float = 1.15
+    grid: int = 0  # 0: exact times (BFL); n: times picked from an n-point table, as ComfyUI (COMFY_GRID)
 
     def __post_init__(self):
         check_finite(base_shift=self.base_shift, max_shift=self.max_shift)
@@ -78,10 +83,22 @@ class FlowMatch:
     def schedule(self, num_steps: int, seq_len: int) -> list[float]:
         """num_steps + 1 times from 1 to 0, shifted by sequence length when `shift`."""
         check_count("num_steps", num_steps)
+        if self.grid:
+            return self._grid_schedule(num_steps, seq_len)
         ts = torch.linspace(1, 0, num_steps + 1)
         if self.shift:
             ts = time_shift(shift_mu(seq_len, self.base_shift, self.max_shift), 1.0, ts)
         return ts.tolist()
+
+    def _grid_schedule(self, num_steps: int, seq_len: int) -> list[float]:
+        """ComfyUI's "simple" scheduler on its model_sampling table: float32 times i / grid (i = 1..grid), shifted
+        as ModelSamplingFlux (mu from the image size as its node computes it), then every grid/num_steps-th entry
+        from the top, and 0 (comfy/samplers.py simple_scheduler)."""
+        table = torch.arange(1, self.grid + 1) / self.grid
+        if self.shift:
+            table = time_shift(shift_mu(seq_len, self.base_shift, self.max_shift), 1.0, table)
+        stride = self.grid / num_steps
+        return [float(table[-(1 + int(i * stride))]) for i in range(num_steps)] + [0.0]
 
     def partial_schedule(self, num_steps: int, seq_len: int, denoise: float) -> list[float]:
         """The last num_steps + 1 times of a schedule stretched to num_steps / denoise steps (as ComfyUI)."""

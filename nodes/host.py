@@ -217,12 +217,17 @@ def tokenizer_dirs() -> list[Path]:
     return dirs
 
 
-def step_callback(steps: int):
-    """A sampler callback(step, total, x) that honours ComfyUI's Stop and advances the progress bar each step."""
+def step_callback(steps: int, preview=None):
+    """A sampler callback(step, total, x) that honours ComfyUI's Stop and advances the progress bar each step. With
+    `preview(x)` giving the (B, 16, h, w) model-space Flux latent, the bar carries ComfyUI's latent preview when its
+    preview method is on (latent_preview with comfy.latent_formats.Flux's latent-to-RGB factors)."""
     bar = progress_bar(steps)
+    latent_preview, formats = _comfy("latent_preview"), _comfy("comfy.latent_formats")
+    previewer = latent_preview.get_previewer(torch_device(), formats.Flux()) if preview and latent_preview else None
 
-    def on_step(step: int, total: int, _x) -> None:
+    def on_step(step: int, total: int, x) -> None:
         check_interrupt()
-        bar.update_absolute(step, total)
+        image = previewer.decode_latent_to_preview_image("JPEG", preview(x)) if previewer is not None else None
+        bar.update_absolute(step, total, image)
 
     return on_step

@@ -3,7 +3,7 @@ from ..flux_core.autoencoder import load_autoencoder
 from ..flux_core.conditioning import find_tokenizer, load_text_encoders
 from ..flux_core.loading import load_flux
 from ..flux_core.model import PRESETS
-from . import host
+from . import bridge, host
 from .common import (
     CATEGORY, LOADED, MODEL, TEXT_ENCODERS, VAE, WEIGHT_DTYPES, TextEncodersOn, compute_dtype, file_fingerprint,
 )  # fmt: skip
@@ -17,9 +17,13 @@ class FluxKitModelLoader:
         "width loads."
     )
     CATEGORY = f"{CATEGORY}/loaders"
-    RETURN_TYPES = (MODEL,)
-    RETURN_NAMES = ("model",)
-    OUTPUT_TOOLTIPS = ("The Flux transformer, for the FluxKit sampler.",)
+    RETURN_TYPES = (MODEL, "MODEL")
+    RETURN_NAMES = ("model", "MODEL")
+    OUTPUT_TOOLTIPS = (
+        "The Flux transformer, for the FluxKit sampler.",
+        "The same weights (no copy) as ComfyUI's MODEL, for core nodes: KSampler, LoraLoaderModelOnly, "
+        "ModelSamplingFlux... The FluxKit sampler takes it too, with the patches core nodes added.",
+    )
     FUNCTION = "load"
 
     @classmethod
@@ -62,11 +66,11 @@ class FluxKitModelLoader:
         device = host.torch_device()
         storage = WEIGHT_DTYPES[weight_dtype]
         key = ("flux", file_fingerprint(path), weight_dtype, preset, str(device))
-        model = LOADED.get(key, lambda: load_flux(
+        model = LOADED.get(key, lambda: flux_core.loading.load_flux(
             path, dtype=compute_dtype(device, storage), weight_dtype=storage,
             preset=None if preset == "auto" else preset, device=device, fp8_matmul=weight_dtype == "fp8_e4m3fn_fast",
         ))  # fmt: skip
-        return (model,)
+        return (model, bridge.core_model(model) if host.in_comfyui() else model)
 
 
 class FluxKitTextEncoderLoader:

@@ -2,6 +2,7 @@
 import torch
 
 from ..flux_core.pipeline import from_unit_images, to_unit_images
+from . import bridge
 from .common import CATEGORY, VAE
 
 
@@ -17,7 +18,7 @@ class FluxKitVAEDecode:
         return {
             "required": {
                 "samples": ("LATENT", {"tooltip": "The latent to decode."}),
-                "vae": (VAE, {"tooltip": "From Load Flux VAE."}),
+                "vae": (f"{VAE},VAE", {"tooltip": "From Load Flux VAE, or core's Load VAE (decodes as core's VAE Decode)."}),
                 "tiled": ("BOOLEAN", {"default": False, "tooltip": "Decode in overlapping tiles with blended seams to save memory."}),
                 "tile_size": ("INT", {"default": 512, "min": 64, "max": 4096, "step": 32, "tooltip": "Tile size in pixels (tiled only)."}),
                 "overlap": ("INT", {"default": 64, "min": 0, "max": 4096, "step": 32, "tooltip": "Overlap between tiles in pixels (tiled only)."}),
@@ -26,6 +27,8 @@ class FluxKitVAEDecode:
 
     @torch.inference_mode()
     def decode(self, samples, vae, tiled, tile_size, overlap):
+        if bridge.is_core(vae):
+            return (bridge.decode(vae, samples["samples"], tiled, tile_size, overlap).float().cpu(),)
         raw = samples["samples"].to(vae.device, vae.dtype)
         if tiled:
             decoded = vae.decode_tiled(raw, tile_size=tile_size, overlap=overlap, scaled=False)
@@ -46,7 +49,7 @@ class FluxKitVAEEncode:
         return {
             "required": {
                 "pixels": ("IMAGE", {"tooltip": "The image to encode, e.g. from Load Image."}),
-                "vae": (VAE, {"tooltip": "From Load Flux VAE."}),
+                "vae": (f"{VAE},VAE", {"tooltip": "From Load Flux VAE, or core's Load VAE."}),
             }
         }
 
@@ -55,6 +58,8 @@ class FluxKitVAEEncode:
         height, width = pixels.shape[1] // 16 * 16, pixels.shape[2] // 16 * 16
         if not height or not width:
             raise ValueError(f"image of {pixels.shape[2]}x{pixels.shape[1]} is smaller than 16x16 pixels")
+        if bridge.is_core(vae):
+            return ({"samples": bridge.encode_image(vae, pixels[:, :height, :width]).float().cpu()},)
         image = from_unit_images(pixels[:, :height, :width]).to(vae.device, vae.dtype)
         return ({"samples": vae.encode(image, scaled=False).float().cpu()},)
 

@@ -432,7 +432,7 @@ def lora_models(models, pack):  # noqa: F811
     """test_nodes' tiny models folder, with flux_lora.safetensors (kohya: transformer and CLIP-L parts) in loras/."""
     from test_nodes import node
 
-    (model,) = node(pack, "FluxKitModelLoader").load("flux1-dev.safetensors", "default")
+    model = node(pack, "FluxKitModelLoader").load("flux1-dev.safetensors", "default")[0]
     (encoders,) = node(pack, "FluxKitTextEncoderLoader").load("clip_l.safetensors", "t5xxl_fp16.safetensors", "cpu")
     (models / "loras").mkdir(exist_ok=True)
     save_file({**kohya_lora(model), **clip_lora(encoders.encoders, kohya=True)}, str(models / "loras" / "flux_lora.safetensors"))

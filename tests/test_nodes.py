@@ -82,8 +82,8 @@ def test_model_lists_come_from_the_folders(pack, models):
 
 
 def test_text_to_image_and_image_to_image_through_the_nodes(pack, models):
-    (model,) = node(pack, "FluxKitModelLoader").load("flux1-dev.safetensors", "default")
-    (again,) = node(pack, "FluxKitModelLoader").load("flux1-dev.safetensors", "default")
+    model = node(pack, "FluxKitModelLoader").load("flux1-dev.safetensors", "default")[0]
+    again = node(pack, "FluxKitModelLoader").load("flux1-dev.safetensors", "default")[0]
     assert again is model  # unchanged inputs reuse the loaded model
     (encoders,) = node(pack, "FluxKitTextEncoderLoader").load("clip_l.safetensors", "t5xxl_fp16.safetensors", "default")
     (vae,) = node(pack, "FluxKitVAELoader").load("ae.safetensors")
@@ -112,7 +112,7 @@ def test_text_to_image_and_image_to_image_through_the_nodes(pack, models):
 
 
 def test_core_sd3_empty_latent_is_accepted(pack, models):
-    (model,) = node(pack, "FluxKitModelLoader").load("flux1-schnell.safetensors", "fp8_e4m3fn")
+    model = node(pack, "FluxKitModelLoader").load("flux1-schnell.safetensors", "fp8_e4m3fn")[0]
     positive = [[torch.randn(1, 7, 32), {"pooled_output": torch.randn(1, 64), "guidance": 3.5}]]
     sd3_latent = {"samples": torch.zeros(2, 16, 4, 4)}  # what core EmptySD3LatentImage returns
     (out,) = node(pack, "FluxKitSampler").sample(model, positive, sd3_latent, 0, 1, 3.5, 1.0, 1.15, 0.5, 1.0)
@@ -120,15 +120,15 @@ def test_core_sd3_empty_latent_is_accepted(pack, models):
 
 
 def test_fp8_fast_weight_dtype_keeps_fp8_and_turns_on_fp8_matmuls(pack, models):
-    (model,) = node(pack, "FluxKitModelLoader").load("flux1-dev.safetensors", "fp8_e4m3fn_fast")
+    model = node(pack, "FluxKitModelLoader").load("flux1-dev.safetensors", "fp8_e4m3fn_fast")[0]
     qkv = model.double_blocks[0].img_attn.qkv
     assert qkv.weight.dtype == torch.float8_e4m3fn and qkv.fp8_matmul and "fp8 matmuls" in model.description
-    (plain,) = node(pack, "FluxKitModelLoader").load("flux1-dev.safetensors", "fp8_e4m3fn")
+    plain = node(pack, "FluxKitModelLoader").load("flux1-dev.safetensors", "fp8_e4m3fn")[0]
     assert plain is not model and not plain.double_blocks[0].img_attn.qkv.fp8_matmul
 
 
 def test_compile_node_outputs_a_compiled_twin_sharing_the_weights(pack, models):
-    (model,) = node(pack, "FluxKitModelLoader").load("flux1-dev.safetensors", "default")
+    model = node(pack, "FluxKitModelLoader").load("flux1-dev.safetensors", "default")[0]
     (compiled,) = node(pack, "FluxKitCompileModel").compile(model, "inductor")
     assert compiled is not model and compiled.img_in.weight is model.img_in.weight
     assert all(b._compiled_call_impl is not None for b in compiled.single_blocks)
@@ -147,7 +147,7 @@ def test_bad_inputs_through_the_nodes(pack, models, tmp_path):
     with pytest.raises(ValueError, match="VAE.*not a Flux transformer|VAE loader"):
         shutil.copy(models / "vae" / "ae.safetensors", models / "diffusion_models" / "ae_by_mistake.safetensors")
         node(pack, "FluxKitModelLoader").load("ae_by_mistake.safetensors", "default")
-    (model,) = node(pack, "FluxKitModelLoader").load("flux1-dev.safetensors", "default")
+    model = node(pack, "FluxKitModelLoader").load("flux1-dev.safetensors", "default")[0]
     positive = [[torch.randn(1, 7, 32), {"pooled_output": torch.randn(1, 64)}]]
     with pytest.raises(ValueError, match="4-channel latent"):
         node(pack, "FluxKitSampler").sample(model, positive, {"samples": torch.zeros(1, 4, 8, 8)}, 0, 1, 3.5, 1.0, 1.15, 0.5, 1.0)

@@ -1,0 +1,152 @@
+"""Bridges between FluxKit's objects and ComfyUI's core MODEL / CLIP / VAE, sharing weights (nothing is copied).
+
+Ours -> core: `core_model(flux)` is a ComfyUI MODEL (a ModelPatcher over comfy.model_base.Flux) whose diffusion model
+is a twin of our Flux (Flux.twin(): the very same tensors) that speaks ComfyUI's forward signature. So KSampler,
+ModelSamplingFlux, LoraLoaderModelOnly (by key: our parameter names are BFL's, as core's) and ComfyUI's memory
+management work on it; core LoRA patches replace the twin's tensors only, never the model our own nodes hold.
+Core -> ours: `token_model` gives our sampler any Flux MODEL (ours, or core's comfy.ldm.flux Flux) after ComfyUI loads
+it with its patches; `encode` and `decode`/`encode_image` run core CLIP / VAE objects as core's own nodes do.
+ComfyUI is imported here lazily: these functions are reached only with ComfyUI objects, i.e. inside ComfyUI.
+"""
+import importlib
+import weakref
+from dataclasses import replace
+
+import flux_core.model
+import flux_core.sampling
+import flux_core.tools
+import torch
+from torch import nn
+
+Flux = flux_core.model.Flux
+_patchers = weakref.WeakKeyDictionary()  # our Flux -> its ModelPatcher: one per loaded model
+
+
+def _comfy(name: str):
+    return importlib.import_module(name)
+
+
+class ComfyFlux(Flux):
+    """Our Flux with the forward comfy.model_base.Flux calls: (B, C, H, W) latents in and velocities out."""
+
+    patch_size = 2  # read by model_base.Flux.concat_cond (Fill / Canny / Depth channels)
+
+    @property
+    def dtype(self) -> torch.dtype:  # BaseModel.get_dtype: what ComfyUI casts inputs to
+        return self.compute_dtype
+
+    def forward(self, x, timestep, context, y=None, guidance=None, ref_latents=None, control=None, transformer_options={}, **kwargs):  # noqa: B006 (ComfyUI's signature)
+        if control is not None:
+            raise ValueError("ControlNets do not run on FluxKit's transformer: load the model with core's Load Diffusion Model")
+        if kwargs.get("attention_mask") is not None or kwargs.get("ref_latents_method") not in (None, "offset"):
+            raise ValueError("attention masks and reference methods other than 'offset' need core's Flux model")
+        height, width = x.shape[-2:]
+        x = _comfy("comfy.ldm.common_dit").pad_to_patch_size(x, (2, 2))  # (B, C, H', W') even, as core pads
+        sampling = flux_core.sampling
+        img, img_ids = sampling.pack(x), sampling.image_ids(*x.shape[-2:]).to(x.device)  # (B, L, C*4), (1, L, 3)
+        if ref_latents:  # Kontext references from core's ReferenceLatent, already in model space
+            refs = flux_core.tools.kontext_cond(list(ref_latents))
+            img, img_ids = replace(refs, token_ids=refs.token_ids.to(x.device)).model_input(img, img_ids)
+        if self.params.guidance_embed and guidance is None:
+            raise ValueError("this Flux model is guidance-distilled but the conditioning holds guidance None: use FluxGuidance")
+        txt_ids = sampling.text_ids(context.shape[1]).to(x.device)
+        v = Flux.forward(self, img, img_ids, context, txt_ids, timestep, y=y if self.vector_in is not None else None,
+                         guidance=guidance if self.params.guidance_embed else None)  # fmt: skip
+        v = sampling.unpack(v[:, : (x.shape[-2] // 2) * (x.shape[-1] // 2)], *x.shape[-2:])
+        return v[..., :height, :width]
+
+
+def core_model(flux: Flux):
+    """ComfyUI's MODEL over our Flux (built once per model; the weights are shared, not copied)."""
+    if flux in _patchers:
+        return _patchers[flux]
+    mm, supported = _comfy("comfy.model_management"), _comfy("comfy.supported_models")
+    p = flux.params
+    unet_config = {
+        "image_model": "flux", "in_channels": p.in_channels // 4, "out_channels": p.out_channels // 4,
+        "patch_size": 2, "vec_in_dim": p.vec_in_dim, "context_in_dim": p.context_in_dim, "hidden_size": p.hidden_size,
+        "mlp_ratio": p.mlp_ratio, "num_heads": p.num_heads, "depth": p.depth, "depth_single_blocks": p.depth_single_blocks,
+        "axes_dim": p.axes_dim, "theta": p.theta, "qkv_bias": p.qkv_bias, "guidance_embed": p.guidance_embed,
+        "disable_unet_model_creation": True,  # the diffusion model is ours
+    }  # fmt: skip
+    config = (supported.Flux if p.guidance_embed else supported.FluxSchnell)(unet_config)  # schnell: linear flow
+    config.set_inference_dtype(flux.compute_dtype, None)
+    base = config.get_model({})
+    twin = flux.twin()
+    twin.__class__ = ComfyFlux  # the same modules and tensors, with ComfyUI's forward
+    base.diffusion_model = twin
+    patcher = _comfy("comfy.model_patcher").ModelPatcher(base, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
+    _patchers[flux] = patcher
+    return patcher
+
+
+class TokenModel(nn.Module):
+    """What flux_core.pipeline.sample needs of a transformer: params, out_channels, compute_dtype, parameters() and
+    forward(img, img_ids, txt, txt_ids, timesteps, y, guidance) on packed tokens."""
+
+    def __init__(self, net: nn.Module, params, dtype: torch.dtype, forward):
+        super().__init__()
+        self.net, self.params, self.out_channels = net, params, params.out_channels
+        self._dtype, self._forward = dtype, forward
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return self._dtype
+
+    def forward(self, *args, **kwargs):
+        return self._forward(*args, **kwargs)
+
+
+def token_model(model):
+    """Our sampler's transformer from a MODEL input: our Flux as it is; a ComfyUI MODEL loaded by ComfyUI's memory
+    management first (its LoRA patches applied), whether its Flux is ours (core_model) or core's own."""
+    if not is_core(model):
+        return model  # ours
+    patcher = _comfy("comfy.model_patcher")
+    if not isinstance(model, patcher.ModelPatcher):
+        raise ValueError(f"model is a {type(model).__name__}, not a Flux model: connect a Flux loader's model")
+    _comfy("comfy.model_management").load_models_gpu([model])
+    net = model.model.diffusion_model
+    if isinstance(net, ComfyFlux):
+        return TokenModel(net, net.params, net.compute_dtype, lambda *a, **k: Flux.forward(net, *a, **k))
+    core_flux = _comfy("comfy.ldm.flux.model").Flux
+    if type(net) is not core_flux:
+        raise ValueError(f"the MODEL holds a {type(net).__module__}.{type(net).__name__}, not FLUX.1: the FluxKit sampler runs Flux models only")
+    dtype = model.model.manual_cast_dtype or model.model.get_dtype()
+    c = net.params
+    params = flux_core.model.FluxParams(
+        in_channels=net.in_channels, out_channels=net.out_channels, vec_in_dim=c.vec_in_dim or 0,
+        context_in_dim=c.context_in_dim, hidden_size=c.hidden_size, mlp_ratio=c.mlp_ratio, num_heads=c.num_heads,
+        depth=c.depth, depth_single_blocks=c.depth_single_blocks, axes_dim=c.axes_dim, theta=c.theta,
+        qkv_bias=c.qkv_bias, guidance_embed=c.guidance_embed,
+    )  # fmt: skip
+
+    def forward(img, img_ids, txt, txt_ids, timesteps, y=None, guidance=None):
+        y = y if y is not None else torch.zeros(img.shape[0], c.vec_in_dim or 0, device=img.device)
+        return net.forward_orig(img.to(dtype), img_ids, txt.to(dtype), txt_ids, timesteps, y.to(dtype), guidance, transformer_options={})
+
+    return TokenModel(net, params, dtype, forward)
+
+
+def is_core(obj) -> bool:
+    """A ComfyUI object (core CLIP / VAE / MODEL) rather than one of ours."""
+    return type(obj).__module__.startswith("comfy.")
+
+
+def encode(clip, clip_l: str, t5xxl: str, guidance: float):
+    """CONDITIONING from a core CLIP, as core's CLIPTextEncodeFlux makes it."""
+    tokens = clip.tokenize(clip_l)
+    tokens["t5xxl"] = clip.tokenize(t5xxl)["t5xxl"]
+    return clip.encode_from_tokens_scheduled(tokens, add_dict={"guidance": guidance})
+
+
+def decode(vae, raw: torch.Tensor, tiled: bool, tile_size: int, overlap: int) -> torch.Tensor:
+    """(B, H, W, 3) images in [0, 1] from a core VAE, as core's VAEDecode / VAEDecodeTiled."""
+    if tiled:
+        return vae.decode_tiled(raw, tile_x=tile_size // 8, tile_y=tile_size // 8, overlap=overlap // 8)
+    return vae.decode(raw)
+
+
+def encode_image(vae, pixels: torch.Tensor) -> torch.Tensor:
+    """The raw latent of (B, H, W, C) images from a core VAE, as core's VAEEncode."""
+    return vae.encode(pixels[..., :3])
