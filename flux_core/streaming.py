@@ -25,6 +25,9 @@ _ALIGN = 256  # byte alignment of each tensor inside a block's flat buffer (cuBL
 # Peak transient memory of a Flux forward at inference, in units of tokens x hidden x compute-dtype bytes: 17.1
 # measured on an H200 at 512 and 1024 px with 512 text tokens (bench/vram.py --measure-activations), plus 5%.
 ACTIVATION_FACTOR = 18.0
+# Time to copy a byte of Flux weights over the time to compute on it, bf16 at 1024 px (4608 tokens) on an H200:
+# 146 ms of compute over 22.2 GiB of blocks (6.6 ms/GiB) against 19.8 ms/GiB at the 50.4 GiB/s of pinned copies.
+LINK_RATIO = 3.0
 # Kept free besides: cuBLAS and attention workspaces (allocated once, outside the measured peak), allocator rounding.
 WORKSPACE_BYTES = 384 * 1024**2
 
@@ -84,31 +87,45 @@ def flux_activation_bytes(model: nn.Module, batch: int, img_tokens: int, txt_tok
     return activation_bytes(batch * (img_tokens + txt_tokens), model.params.hidden_size, dtype, upcast)
 
 
-def plan_streamed(block_bytes: list[int], fixed: int, budget: int, ahead: int) -> list[int]:
+def plan_streamed(block_bytes: list[int], fixed: int, budget: int, ahead: int, link_ratio: float = LINK_RATIO) -> list[int]:
     """Indices of the blocks to stream so that `fixed` + resident blocks + `ahead + 1` slots fit `budget` bytes.
 
-    Streams the smallest blocks first (smaller slots; in Flux the single blocks, with more compute per byte to hide
-    a copy behind), spread evenly through the run order so copies overlap the resident blocks' compute."""
+    Two candidates, each streaming as few bytes as fit: the smallest blocks only (small slots: fewest bytes, best
+    when the link is the bottleneck) and blocks of every size spread in proportion through the run order (bigger
+    slots, but copies overlap compute everywhere, not only where the small blocks run). `simulate_step` picks the
+    faster, with copying a byte taking `link_ratio` times as long as computing on one (3 for Flux at 1024 px in
+    bf16 on an H200: LINK_RATIO)."""
     if fixed + sum(block_bytes) <= budget:
         return []
     if not block_bytes:
         raise ValueError(f"{fixed / GiB:.2f} GiB of weights do not fit a VRAM budget of {budget / GiB:.2f} GiB")
-    order = sorted(range(len(block_bytes)), key=lambda i: block_bytes[i])
-    for count in range(1, len(order) + 1):
-        streamed = _spread(order[:count], block_bytes)
+    smallest = sorted(range(len(block_bytes)), key=lambda i: block_bytes[i])
+    candidates = [
+        _fewest(lambda k: _spread_groups(smallest[:k], block_bytes), block_bytes, fixed, budget, ahead),
+        _fewest(lambda k: _spread_bytes(k / len(block_bytes), block_bytes), block_bytes, fixed, budget, ahead),
+    ]
+    candidates = [c for c in candidates if c is not None]
+    if not candidates:
+        need = fixed + (ahead + 1) * max(block_bytes)
+        raise ValueError(
+            f"a VRAM budget of {budget / GiB:.2f} GiB is below what streaming needs: {need / GiB:.2f} GiB ({ahead + 1} "
+            f"block buffers of {max(block_bytes) / GiB:.2f} GiB and {fixed / GiB:.2f} GiB of layers kept on the GPU); "
+            "free GPU memory, lower the resolution or batch, or raise the budget"
+        )
+    return min(candidates, key=lambda c: simulate_step(block_bytes, c, ahead, link_ratio))
+
+
+def _fewest(pick, block_bytes: list[int], fixed: int, budget: int, ahead: int) -> list[int] | None:
+    """The first of pick(1), pick(2), ... (growing sets of blocks to stream) that fits the budget."""
+    for k in range(1, len(block_bytes) + 1):
+        streamed = pick(k)
         slot = max(block_bytes[i] for i in streamed)
-        resident = sum(b for i, b in enumerate(block_bytes) if i not in streamed)
-        if fixed + resident + (ahead + 1) * slot <= budget:
+        if fixed + sum(block_bytes) - sum(block_bytes[i] for i in streamed) + (ahead + 1) * slot <= budget:
             return sorted(streamed)
-    need = fixed + (ahead + 1) * max(block_bytes)
-    raise ValueError(
-        f"a VRAM budget of {budget / GiB:.2f} GiB is below what streaming needs: {need / GiB:.2f} GiB "
-        f"({ahead + 1} block buffers of {max(block_bytes) / GiB:.2f} GiB and {fixed / GiB:.2f} GiB of layers kept on "
-        "the GPU); free GPU memory, lower the resolution or batch, or raise the budget"
-    )
+    return None
 
 
-def _spread(chosen: list[int], block_bytes: list[int]) -> set[int]:
+def _spread_groups(chosen: list[int], block_bytes: list[int]) -> set[int]:
     """`chosen` (the k smallest) with each size's share re-picked evenly among all blocks of that size."""
     out = set()
     for size in {block_bytes[i] for i in chosen}:
@@ -116,6 +133,42 @@ def _spread(chosen: list[int], block_bytes: list[int]) -> set[int]:
         take = sum(block_bytes[i] == size for i in chosen)
         out.update(group[int((j + 0.5) * len(group) / take)] for j in range(take))
     return out
+
+
+def _spread_bytes(fraction: float, block_bytes: list[int]) -> set[int]:
+    """About `fraction` of the bytes of every stretch of the run order: a block streams once the credit of the
+    blocks before it covers half of it."""
+    out, credit = set(), 0.0
+    for i, b in enumerate(block_bytes):
+        credit += fraction * b
+        if credit >= b / 2:
+            out.add(i)
+            credit -= b
+    return out or {min(range(len(block_bytes)), key=lambda i: block_bytes[i])}
+
+
+def simulate_step(block_bytes: list[int], streamed: list[int], ahead: int, link_ratio: float) -> float:
+    """Duration of a steady-state forward pass (the second of two) through the slot ring, in units of the time to
+    compute on one byte: block i computes for block_bytes[i] once the block before it is done and, if streamed, its
+    copy (link_ratio x its bytes) is; copy j starts after copy j-1, into the slot that copy j-(ahead+1) filled, once
+    that block has run."""
+    n, streamed = len(block_bytes), set(streamed)
+    fetched = [i for i in list(range(n)) * 2 if i in streamed]
+    copy_end, used_end, t, first_pass = [], [], 0.0, 0.0
+    for step, i in enumerate(list(range(n)) * 2):
+        if i in streamed:
+            k = len(used_end)
+            while len(copy_end) < min(k + ahead + 1, len(fetched)):
+                j = len(copy_end)
+                slot_free = used_end[j - ahead - 1] if j > ahead else 0.0
+                copy_end.append(max(copy_end[-1] if copy_end else 0.0, slot_free) + link_ratio * block_bytes[fetched[j]])
+            t = max(t, copy_end[k]) + block_bytes[i]
+            used_end.append(t)
+        else:
+            t += block_bytes[i]
+        if step == n - 1:
+            first_pass = t
+    return t - first_pass
 
 
 class _Block:
@@ -171,11 +224,11 @@ class Placement:
         if any(h.device.type != "cpu" for b in (self.fixed, *self.blocks) for h in b.home):
             raise ValueError("place() takes a model whose weights are on the CPU (load it with device='cpu')")
         self.modules = blocks
-        self.device, self.ahead, self.budget, self.kind = None, 1, 0, None
+        self.device, self.ahead, self.budget, self.kind, self.link_ratio = None, 1, 0, None, LINK_RATIO
         self.streamed, self.position, self.resident, self.slots, self.hooks = [], {}, [], [], []
 
     def plan(self, budget: int, ahead: int) -> list[int]:
-        return plan_streamed([b.nbytes for b in self.blocks], self.fixed.nbytes, budget, ahead)
+        return plan_streamed([b.nbytes for b in self.blocks], self.fixed.nbytes, budget, ahead, self.link_ratio)
 
     @torch.inference_mode(False)  # copies made here become Parameter data: no inference tensors
     def load(self, device: torch.device, budget: int, ahead: int, hooks: bool = False) -> None:
@@ -350,13 +403,15 @@ def place(
     ahead: int = 1,
     kind: str | None = None,
     hooks: bool = False,
+    link_ratio: float = LINK_RATIO,
 ) -> Placement:
     """Put `model` (weights on the CPU) on `device` within `budget_bytes` (default: the device's free memory minus
     `activations`, the transient memory the forward pass needs), streaming the `blocks` that do not fit.
 
     A placement that still fits is kept. Other placed models of the same `kind` (e.g. "transformer") on the device
     are unloaded first: switching models never leaves two on the GPU. `hooks`: stream through forward hooks on the
-    blocks, for models whose forward does not call `block_runner`. Returns the model's Placement (`.describe()`)."""
+    blocks, for models whose forward does not call `block_runner`. `link_ratio`: see plan_streamed. Returns the
+    model's Placement (`.describe()`)."""
     device = torch.device(device)
     if device.type == "cuda":
         if not torch.cuda.is_available():
@@ -378,6 +433,7 @@ def place(
     if budget_bytes is None:
         own = placement.resident_bytes if placement.device == device else 0  # its own memory counts as free
         budget_bytes = free_bytes(device) + own - activations
+    placement.link_ratio = link_ratio
     placement.load(device, budget_bytes, ahead, hooks)
     placement.kind = kind
     _PLACED.add(placement)
@@ -410,6 +466,9 @@ def make_room(device: torch.device | str, nbytes: int) -> bool:
 # --- pipeline stages: each model on the GPU only while its stage needs it ----------------------------------------
 
 
+_WHOLE = 1 << 62  # the budget of a model placed whole (it fits or the copy runs out of memory)
+
+
 def _on_cpu(module: nn.Module) -> bool:
     return next(module.parameters()).device.type == "cpu"
 
@@ -435,7 +494,7 @@ def encoders_on(text_encoders, device: torch.device | str, tokens: int = 512):
         return
     blocks = list(text_encoders.t5.encoder.block)
     try:
-        place(text_encoders.clip, device, [], budget_bytes=_weight_bytes(text_encoders.clip))
+        place(text_encoders.clip, device, [], budget_bytes=_WHOLE)
         place(text_encoders.t5, device, blocks, activations=activations, hooks=True)
         yield text_encoders
     finally:
@@ -454,7 +513,11 @@ def transformer_on(model: nn.Module, device: torch.device | str, batch: int, img
     activations = flux_activation_bytes(model, batch, img_tokens, txt_tokens)
     if budget_bytes is None:
         make_room(device, _weight_bytes(model) + activations)  # others' weights go first, ours stream if short
-    return place(model, device, model.blocks(), budget_bytes, activations, ahead, kind="transformer")
+    weights = [t for b in model.blocks() for _, _, t in _tensors(b)]
+    per_param = sum(t.nbytes for t in weights) / sum(t.numel() for t in weights)  # 2 in bf16, about 1 in fp8
+    # compute grows with the tokens, copies with the bytes: LINK_RATIO was measured at 4608 tokens in bf16
+    ratio = LINK_RATIO * 4608 / (batch * (img_tokens + txt_tokens)) * per_param / 2
+    return place(model, device, model.blocks(), budget_bytes, activations, ahead, "transformer", link_ratio=ratio)
 
 
 def decode_on(ae, latent: Tensor, device: torch.device | str, scaled: bool = True) -> Tensor:
@@ -468,7 +531,7 @@ def decode_on(ae, latent: Tensor, device: torch.device | str, scaled: bool = Tru
     # the decoder's last level holds a few (pixels x 128 channels) tensors at once
     make_room(device, (_weight_bytes(ae) if on_cpu else 0) + pixels * 128 * ae.dtype.itemsize * 6)
     if on_cpu:
-        place(ae, device, [], budget_bytes=_weight_bytes(ae))
+        place(ae, device, [], budget_bytes=_WHOLE)
     try:
         raw = latent.to(device, ae.dtype)
         try:

@@ -9,7 +9,7 @@ from flux_core import streaming
 from flux_core.loading import load_flux
 from flux_core.model import Flux
 from flux_core.ops import Linear
-from flux_core.streaming import place, placement_of, plan_streamed, unload
+from flux_core.streaming import place, placement_of, plan_streamed, simulate_step, unload
 
 CPU = torch.device("cpu")
 
@@ -26,16 +26,31 @@ def block_budget(model: Flux, streamed: int, slots: int = 2) -> int:
     return p.fixed.nbytes + sum(sizes[streamed:]) + slots * sizes[streamed - 1]
 
 
-def test_plan_streams_the_smallest_blocks_spread_out_and_fits_the_budget():
+def test_plan_fits_the_budget_and_spreads_copies_where_they_hide():
     sizes = [10] * 4 + [4] * 8  # Flux's layout: big double blocks first, then single blocks
     assert plan_streamed(sizes, 5, 5 + sum(sizes), ahead=1) == []
-    streamed = plan_streamed(sizes, 5, 5 + sum(sizes) - 12 + 8, ahead=1)  # 12 bytes short, slots take 8: 3 streamed
-    assert all(sizes[i] == 4 for i in streamed) and len(streamed) == 3
-    assert streamed == sorted(streamed) and streamed[-1] - streamed[0] >= 5  # spread over the single blocks
+    # a fast link: stream the fewest bytes (small blocks, small slots)
+    streamed = plan_streamed(sizes, 5, 5 + sum(sizes) - 12 + 8, ahead=1, link_ratio=0.5)
+    assert [sizes[i] for i in streamed] == [4, 4, 4] and streamed[-1] - streamed[0] >= 5  # spread over the small ones
+    # Flux's blocks (MiB, bf16) on a 16 GiB card, the link as slow as on an H200: copies of both sizes spread over
+    # the whole pass hide behind compute; streaming only single blocks leaves the link idle during the double ones
+    flux = [648] * 19 + [270] * 38
+    budget = 15 * 1024 + 200
+    slow = plan_streamed(flux, 120, budget, ahead=1, link_ratio=3.0)
+    assert {flux[i] for i in slow} == {648, 270} and 120 + sum(flux) - sum(flux[i] for i in slow) + 2 * 648 <= budget
+    singles = plan_streamed(flux, 120, budget, ahead=1, link_ratio=0.5)
+    assert {flux[i] for i in singles} == {270}
+    assert simulate_step(flux, slow, 1, 3.0) < 0.85 * simulate_step(flux, singles, 1, 3.0)
     every = plan_streamed(sizes, 5, 5 + 2 * 10, ahead=1)
     assert every == list(range(12))
     with pytest.raises(ValueError, match="below what streaming needs.*2 block buffers"):
         plan_streamed(sizes, 5, 5 + 2 * 10 - 1, ahead=1)
+
+
+def test_simulated_step_is_compute_or_link_bound():
+    sizes = [4] * 10
+    assert simulate_step(sizes, [2, 7], ahead=1, link_ratio=0.1) == sum(sizes)  # copies hidden
+    assert simulate_step(sizes, list(range(10)), ahead=1, link_ratio=10.0) == pytest.approx(10 * 4 * 10, rel=0.05)
 
 
 @pytest.mark.parametrize("fp8", [False, True])
