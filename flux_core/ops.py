@@ -99,7 +99,8 @@ class Linear(nn.Linear):
         if self.lora_up is None:
             return out
         up = self.lora_up if rows is None else self.lora_up[rows]
-        out = out + linear(linear(x, self.lora_down.to(x.dtype)), up.to(x.dtype))  # (..., out): two thin GEMMs
+        hidden = linear(x, self.lora_down.to(x.dtype))  # (..., R): two thin GEMMs, the second adding in place
+        out.view(-1, out.shape[-1]).addmm_(hidden.reshape(-1, hidden.shape[-1]), up.to(x.dtype).t())
         return F.gelu(out, approximate="tanh") if gelu else out
 
     def forward_concat(self, parts: tuple[Tensor, ...]) -> Tensor:

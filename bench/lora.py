@@ -1,0 +1,153 @@
+"""Benchmark: a rank-32 LoRA on every Linear of a flux-dev-shaped transformer (random weights): seconds to apply,
+memory the patched model holds beyond the base, and step time with the LoRA vs without, per way of applying it.
+
+    python bench/lora.py                  # CPU: flux-dev width, 1 double + 1 single block, 256 + 64 tokens, float32
+    python bench/lora.py --device cuda    # flux-dev's full shape (19 + 38 blocks), 4096 + 512 tokens (1024 px), bf16
+    python bench/lora.py --double 2 --single 4 --image-tokens 1024 --json out.json
+
+Ways: float weights merged (a new tensor per patched layer), float weights with a side path (merge=False), fp8
+weights with a side path (upcast per call), and on CUDA fp8 matmuls (fp8_e4m3fn_fast) with a side path. Each "with"
+is timed against its own base model, runs alternating, median after warm-up, inference_mode.
+"""
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[0:1] = [str(REPO), str(REPO / "tests")]  # not bench/ itself: bench/gguf.py would shadow the gguf package
+
+from tiny_flux import tiny_inputs  # noqa: E402
+
+from flux_core.lora import apply_loras, read_lora  # noqa: E402
+from flux_core.model import Flux, preset  # noqa: E402
+from flux_core.ops import Linear, enable_fp8_matmul  # noqa: E402
+
+RANK = 32
+
+
+def random_flux(params, device: torch.device, dtype: torch.dtype) -> Flux:
+    """Built on the meta device, then filled in place: no float32 copy of a 12B model on the way."""
+    with torch.device("meta"):
+        model = Flux(params)
+    model = model.to_empty(device=device).to(dtype).eval().requires_grad_(False)
+    gen = torch.Generator(device).manual_seed(0)
+    for name, tensor in model.state_dict().items():
+        if tensor.ndim == 2:
+            tensor.normal_(0, tensor.shape[1] ** -0.5, generator=gen)
+        else:
+            tensor.fill_(1.0 if name.endswith(".scale") else 0.0)
+    return model
+
+
+def as_fp8(model: Flux) -> Flux:
+    """A twin whose Linear weights are stored float8_e4m3fn (computing in the base's dtype)."""
+    twin = model.twin()
+    for layer in twin.modules():
+        if isinstance(layer, Linear):
+            layer.weight = nn.Parameter(layer.weight.to(torch.float8_e4m3fn), requires_grad=False)
+    return twin
+
+
+def write_lora(model: Flux, path: Path) -> int:
+    """A kohya-named rank-32 bf16 LoRA on every Linear (alpha = rank); returns its size in bytes."""
+    gen, state = torch.Generator().manual_seed(1), {}
+    for name, layer in model.named_modules():
+        if isinstance(layer, Linear):
+            key = "lora_unet_" + name.replace(".", "_")
+            down = torch.randn(RANK, layer.in_features, generator=gen) / layer.in_features**0.5
+            state[f"{key}.lora_down.weight"] = down.bfloat16()
+            state[f"{key}.lora_up.weight"] = (0.01 * torch.randn(layer.out_features, RANK, generator=gen)).bfloat16()
+            state[f"{key}.alpha"] = torch.tensor(float(RANK))
+    save_file(state, str(path))
+    return sum(t.nbytes for t in state.values())
+
+
+def extra_bytes(patched: nn.Module, base: nn.Module) -> int:
+    """Bytes of the tensors the patched model holds that the base does not (its merged layers, its side paths)."""
+    shared = {t.data_ptr() for t in (*base.parameters(), *base.buffers())}
+    own = {t.data_ptr(): t.nbytes for t in (*patched.parameters(), *patched.buffers()) if t.data_ptr() not in shared}
+    return sum(own.values())
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def step_times(models: list[nn.Module], x: dict, device, warmup: int, repeats: int) -> list[float]:
+    """Median seconds per forward of each model, runs alternating (order flipped every round)."""
+    times = [[] for _ in models]
+    with torch.inference_mode():
+        for i in range(warmup + repeats):
+            for j in range(len(models)) if i % 2 else reversed(range(len(models))):
+                sync(device)
+                start = time.perf_counter()
+                models[j](**x)
+                sync(device)
+                if i >= warmup:
+                    times[j].append(time.perf_counter() - start)
+    return [statistics.median(t) for t in times]
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--double", type=int, help="double blocks (default: 1 on CPU, 19 on CUDA)")
+    parser.add_argument("--single", type=int, help="single blocks (default: 1 on CPU, 38 on CUDA)")
+    parser.add_argument("--image-tokens", type=int, help="a square grid's token count (default 256 CPU, 4096 CUDA)")
+    parser.add_argument("--text-tokens", type=int, help="default 64 CPU, 512 CUDA")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    dtype = torch.bfloat16 if cuda else torch.float32
+    params = preset("flux-dev", depth=args.double or (19 if cuda else 1), depth_single_blocks=args.single or (38 if cuda else 1))
+    side = int((args.image_tokens or (4096 if cuda else 256)) ** 0.5)
+    x = {k: None if v is None else v.to(device) for k, v in tiny_inputs(params, rows=side, cols=side, text=args.text_tokens or (512 if cuda else 64), dtype=dtype).items()}
+    base = random_flux(params, device, dtype)
+    bases = {"float": base, "fp8": as_fp8(base)}
+    if cuda:
+        bases["fp8 matmul"] = bases["fp8"].twin()
+        enable_fp8_matmul(bases["fp8 matmul"])
+    ways = [("float", True), ("float", False), ("fp8", True)] + ([("fp8 matmul", True)] if cuda else [])
+    print(f"{params.depth} double + {params.depth_single_blocks} single blocks, {side * side} + {x['txt'].shape[1]} tokens, "
+          f"{str(dtype)[6:]} compute on {device}, rank-{RANK} LoRA on every Linear")  # fmt: skip
+    results = {"device": str(device), "torch": torch.__version__, "blocks": [params.depth, params.depth_single_blocks],
+               "tokens": [side * side, x["txt"].shape[1]], "compute": str(dtype)[6:], "rank": RANK, "ways": {}}  # fmt: skip
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "lora.safetensors"
+        results["lora_bytes"] = write_lora(base, path)
+        for storage, merge in ways:
+            model = bases[storage]
+            sync(device)
+            start = time.perf_counter()
+            patched, _, (report,) = apply_loras(model, [(read_lora(path), 1.0, 1.0)], merge=merge)
+            sync(device)
+            seconds = time.perf_counter() - start
+            without, with_lora = step_times([model, patched], x, device, args.warmup, args.repeats)
+            name = f"{storage} {'merged' if merge and storage == 'float' else 'side path'}"
+            extra = extra_bytes(patched, model)
+            results["ways"][name] = {"apply_s": seconds, "extra_bytes": extra, "step_ms": without * 1e3,
+                                     "step_lora_ms": with_lora * 1e3, "ratio": with_lora / without, "modes": report.modes}  # fmt: skip
+            print(f"  {name:22s} apply {seconds:6.2f} s  extra {extra / 2**20:9.1f} MiB  step {without * 1e3:8.1f} ms -> "
+                  f"{with_lora * 1e3:8.1f} ms with the LoRA: x{with_lora / without:.3f}")  # fmt: skip
+            del patched
+    print(f"  LoRA file tensors: {results['lora_bytes'] / 2**20:.1f} MiB; base weights "
+          f"{sum(p.nbytes for p in base.parameters()) / 2**20:.1f} MiB")  # fmt: skip
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+    return results
+
+
+if __name__ == "__main__":
+    main()
