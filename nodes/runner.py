@@ -3,6 +3,7 @@ format, or a PNG saved by ComfyUI) without ComfyUI, with this pack's nodes and t
 with --server it submits the workflow to a running ComfyUI instead (see `remote`).
 """
 import argparse
+import contextlib
 import copy
 import importlib
 import json
@@ -13,7 +14,11 @@ import time
 import traceback
 from dataclasses import dataclass
 
-from . import host, remote, standins
+import torch.distributed as dist
+
+from flux_core import parallel
+
+from . import distributed, host, remote, standins
 from .workflow import NodeDefs, ValidationError, WorkflowError, dependency_order, is_link, is_ui, read_workflow
 from .workflow import set_inputs, to_api, unwrap, validate
 
@@ -166,6 +171,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--input", help="folder Load Image reads from (default ./input)")
     run.add_argument("--device", help="cpu, cuda or cuda:N (default: CUDA when available)")
     run.add_argument("--timeout", type=float, default=3600, help="server mode: seconds to wait for the result")
+    run.add_argument("--sweep", action="append", default=[], metavar="NODE.INPUT=VALUES",
+                     help="run once per value (a,b,c | 1..8 | JSON list | @file of lines | @folder of input images); "
+                     "repeatable: every combination. Under torchrun the ranks share the runs")  # fmt: skip
+    run.add_argument("--sequence-parallel", action="store_true",
+                     help="under torchrun: every rank works on each image (its tokens split across the GPUs)")  # fmt: skip
     return parser
 
 
@@ -182,9 +192,14 @@ def main(argv=None, classes: dict | None = None, display_names: dict | None = No
     """CLI entry. `classes`/`display_names` default to the pack's NODE_CLASS_MAPPINGS; the stand-ins are added."""
     args = _parser().parse_args(argv)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` cleans up (temporary files) as Ctrl+C does
+    ranks = args.command == "run" and not args.server and distributed.launched()  # under torchrun
+    started = False
     try:
         if args.command == "run":
-            _select_device(args.device)
+            if ranks:
+                started = distributed.setup(args.device)
+            else:
+                _select_device(args.device)
             host.configure(args.models, args.output, args.input)
         else:
             host.configure(args.models)
@@ -200,11 +215,22 @@ def main(argv=None, classes: dict | None = None, display_names: dict | None = No
         if args.command == "convert":
             print(json.dumps(prompt, indent=2))
             return 0
+        if args.sequence_parallel and not ranks:
+            raise WorkflowError("--sequence-parallel splits each image across torchrun's processes: start the "
+                                "runner with torchrun --nproc-per-node N (and without --server)")  # fmt: skip
+        jobs = distributed.jobs(prompt, extra, args.sweep, defs)
         if args.server:
-            paths = server.run(prompt, extra, host.output_dir(), args.timeout)
+            paths = [p for job, more, _ in jobs for p in server.run(job, more, host.output_dir(), args.timeout)]
+        elif ranks:
+            run_job = lambda job, more: saved_files(run_prompt(job, defs, more, progress=False))  # noqa: E731
+            with parallel.sequence_parallel() if args.sequence_parallel else contextlib.nullcontext():
+                paths = distributed.run_distributed(jobs, run_job, args.sequence_parallel)
+            paths = paths if dist.get_rank() == 0 else []  # rank 0 lists every rank's files
         else:
-            paths = saved_files(run_prompt(prompt, defs, extra))
+            paths = [p for job, more, _ in jobs for p in saved_files(run_prompt(job, defs, more))]
     except (WorkflowError, OSError) as e:
+        if ranks and dist.is_initialized() and dist.get_rank() > 0:
+            return 1  # rank 0 says it (every rank knows every rank's errors)
         if args.traceback:
             traceback.print_exception(e)
         print(f"error: {e}", file=sys.stderr)
@@ -215,6 +241,9 @@ def main(argv=None, classes: dict | None = None, display_names: dict | None = No
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        if started:
+            dist.destroy_process_group()
     for path in paths:
         print(path)
     return 0

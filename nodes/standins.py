@@ -39,15 +39,16 @@ def inside(folder: Path, name: str, what: str) -> Path:
     return path
 
 
-def next_counter(folder: Path, prefix: str) -> int:
-    """1 + the highest counter of `prefix_NNNNN_...` files in folder (ComfyUI's numbering)."""
+def next_counter(folder: Path, prefix: str, names: list[str] | None = None) -> int:
+    """1 + the highest counter of `prefix_NNNNN_...` files in folder, or among `names` (ComfyUI's numbering)."""
     highest = 0
-    if folder.is_dir():
-        for entry in os.scandir(folder):
-            head, sep, rest = entry.name[: len(prefix)], entry.name[len(prefix) : len(prefix) + 1], entry.name[len(prefix) + 1 :]
-            digits = rest.split("_")[0]
-            if sep == "_" and os.path.normcase(head) == os.path.normcase(prefix) and digits.isdigit():
-                highest = max(highest, int(digits))
+    if names is None:
+        names = [entry.name for entry in os.scandir(folder)] if folder.is_dir() else []
+    for name in names:
+        head, sep, rest = name[: len(prefix)], name[len(prefix) : len(prefix) + 1], name[len(prefix) + 1 :]
+        digits = rest.split("_")[0]
+        if sep == "_" and os.path.normcase(head) == os.path.normcase(prefix) and digits.isdigit():
+            highest = max(highest, int(digits))
     return highest + 1
 
 
@@ -67,9 +68,15 @@ def sweep_parts(folder: Path) -> None:
                     os.unlink(entry.path)
 
 
-def write_new(folder: Path, prefix: str, write, suffix: str = ".png") -> Path:
+hold = None  # set by the distributed runner (nodes.distributed): hold(folder, prefix, write, suffix) numbers later
+
+
+def write_new(folder: Path, prefix: str, write, suffix: str = ".png", counter: int | None = None) -> Path:
     """Writes `prefix_NNNNN_<suffix>` with write(file): to a temporary file first, then hard-linked into place,
-    which fails rather than replace a file that appeared meanwhile (then the next counter is taken)."""
+    which fails rather than replace a file that appeared meanwhile (then the next counter is taken). `counter`:
+    the first number to try (default: after the highest taken)."""
+    if hold is not None and counter is None:
+        return hold(folder, prefix, write, suffix)
     folder.mkdir(parents=True, exist_ok=True)
     sweep_parts(folder)
     tmp, fd = _new_part(folder)
@@ -78,7 +85,7 @@ def write_new(folder: Path, prefix: str, write, suffix: str = ".png") -> Path:
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        counter = next_counter(folder, prefix)
+        counter = next_counter(folder, prefix) if counter is None else counter
         while True:
             path = folder / f"{prefix}_{counter:05}_{suffix}"
             try:

@@ -1,17 +1,22 @@
 """torch.distributed on the CPU: 2 gloo processes (spawned here, file rendezvous) against one process.
 Sequence-parallel forward, the distributed runner's files, DDP seq2seq training."""
-import os
+import json
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from PIL import Image
+from test_runner import grey, runnable_ui
+from test_workflow import FAKE_NODES, Sampler, api_prompt, defs, load
 from tiny_flux import random_weights, tiny_inputs, tiny_params
 
 from flux_core import parallel
 from flux_core.model import Flux
 
 WORLD = 2
+runner, distributed, host = load("runner"), load("distributed"), load("host")
+WorkflowError = load("workflow").WorkflowError
 
 
 def spawn(worker, tmp_path, *args) -> None:
@@ -62,3 +67,67 @@ def test_sequence_parallel_forward_equals_plain(tmp_path):
 def test_split_sizes_cover_the_sequence():
     assert parallel.split_sizes(15, 2) == [8, 7] and parallel.split_sizes(1, 2) == [1, 0]
     assert sum(parallel.split_sizes(4096, 3)) == 4096
+
+
+# ---------------------------------------------------------------------------------------------- the runner's jobs
+
+
+class SeedSensitiveSampler(Sampler):
+    def sample(self, **kwargs):
+        if kwargs["seed"] == 3:
+            raise RuntimeError("out of cheese")
+        return super().sample(**kwargs)
+
+
+def _run(tmp_path, out: str, *args, classes=FAKE_NODES) -> int:
+    path = tmp_path / "workflow.json"
+    path.write_text(json.dumps(runnable_ui()))
+    return runner.main(["run", str(path), "--output", str(tmp_path / out), "--input", str(tmp_path), *args], classes)
+
+
+def _runner_worker(rank: int, tmp_path) -> None:
+    assert _run(tmp_path, "ranks", "--sweep", "7.seed=1..5", "--sweep", "7.steps=10,30") == 0
+    failing = {**FAKE_NODES, "Sampler": SeedSensitiveSampler}
+    assert _run(tmp_path, "failed", "--sweep", "7.seed=1..5", classes=failing) == 1
+    assert _run(tmp_path, "parallel", "--sequence-parallel", "--sweep", "7.seed=4,5") == 0
+
+
+def _files(folder) -> dict:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_distributed_runner_writes_what_one_process_writes(tmp_path, capsys):
+    for out in ("ranks", "one", "failed", "parallel"):  # a file there: the numbering starts after it
+        (tmp_path / out / "flux").mkdir(parents=True)
+        (tmp_path / out / "flux" / "test_00002_.png").write_bytes(b"not ours")
+    spawn(_runner_worker, tmp_path, tmp_path)
+    assert _run(tmp_path, "one", "--sweep", "7.seed=1..5", "--sweep", "7.steps=10,30") == 0
+    one, ranks = _files(tmp_path / "one" / "flux"), _files(tmp_path / "ranks" / "flux")
+    assert list(one) == [f"test_{n:05}_.png" for n in range(2, 13)]  # 10 jobs after the file there
+    assert ranks == one  # byte for byte: pixels, prompt and workflow chunks, names
+    with Image.open(tmp_path / "ranks" / "flux" / "test_00006_.png") as image:  # job 4: seed 2, steps 30
+        assert json.loads(image.info["prompt"])["7"]["inputs"]["steps"] == 30 and grey(image.filename) == 2
+    # seed 3 (job 3, rank 0) failed: rank 0 stopped, rank 1 finished its jobs 2 and 4
+    assert list(_files(tmp_path / "failed" / "flux")) == ["test_00002_.png", "test_00003_.png", "test_00004_.png", "test_00006_.png"]
+    assert [grey(tmp_path / "failed" / "flux" / f"test_0000{n}_.png") for n in (3, 4, 6)] == [1, 2, 4]
+    assert list(_files(tmp_path / "parallel" / "flux")) == ["test_00002_.png", "test_00003_.png", "test_00004_.png"]
+
+
+def test_sweep_values_and_refusals(tmp_path):
+    (tmp_path / "prompts.txt").write_text("a cat, sleeping\n\na dog\n")
+    (tmp_path / "in").mkdir()
+    for name in ("b.png", "a.jpg", "notes.txt"):
+        (tmp_path / "in" / name).write_bytes(b"")
+    host.configure(input_dir=tmp_path)
+    values = lambda text: distributed.sweep_values(text, tmp_path)[1]  # noqa: E731
+    assert values("3.seed=1..3") == ["1", "2", "3"] and values("3.seed=5,7") == ["5", "7"]
+    assert values('6.text=["a, b", 2]') == ["a, b", "2"]
+    assert values(f"6.text=@{tmp_path / 'prompts.txt'}") == ["a cat, sleeping", "a dog"]
+    assert values(f"9.image=@{tmp_path / 'in'}") == ["in/a.jpg", "in/b.png"]
+    with pytest.raises(WorkflowError, match="NODE.INPUT=VALUES"):
+        values("3.seed")
+    with pytest.raises(WorkflowError, match="not inside the input folder"):
+        values(f"9.image=@{tmp_path.parent}")
+    with pytest.raises(WorkflowError, match=r"7\.steps=0 is not valid"):
+        distributed.jobs(api_prompt(), {}, ["7.steps=1,0"], defs())
+    assert _run(tmp_path, "out", "--sequence-parallel") == 1  # one process: nothing to split over

@@ -1,0 +1,221 @@
+"""The headless runner's jobs: `--sweep` turns one workflow into many, and under `torchrun` the ranks share them
+(job j on rank j mod N, each rank on its own GPU) or, with --sequence-parallel, every rank works on each image.
+
+Files are named exactly as one process running the jobs in order names them: each image is held in memory until
+its job is done, then saved with the number a single run would give it, counted from the folder as it was when
+the run started (which every rank reads before any rank writes). That assumes every job saves the same number of
+images per file prefix (one workflow, one batch size); the run checks it and says when it did not hold.
+"""
+import copy
+import datetime
+import io
+import itertools
+import json
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from . import host, standins
+from .workflow import ValidationError, WorkflowError, set_inputs, validate
+
+POLL_SECONDS = 2.0  # rank 0's progress report
+RANK_WAIT = datetime.timedelta(hours=24)  # ranks done (or failed) wait for the slowest at the end of a sweep
+_KEY = "fluxkit/jobs/"
+
+
+def sweep_values(text: str, input_dir: Path) -> tuple[str, list[str]]:
+    """--sweep NODE.INPUT=VALUES -> (NODE.INPUT, [value texts for --set]). VALUES: a,b,c | A..B (whole numbers,
+    inclusive) | a JSON list | @FILE (one value a line) | @FOLDER (its image files, a folder inside --input)."""
+    target, sep, raw = text.partition("=")
+    if not (sep and "." in target and raw):
+        raise WorkflowError(f"--sweep {text!r}: expected NODE.INPUT=VALUES, e.g. 3.seed=1..8 or 6.text=@prompts.txt")
+    if raw.startswith("@"):
+        path = Path(raw[1:]).expanduser()
+        if path.is_dir():
+            root = host.input_dir().resolve()
+            if not path.resolve().is_relative_to(root):
+                raise WorkflowError(f"--sweep {text!r}: {path} is not inside the input folder {root}: pass --input")
+            names = sorted(p for p in path.resolve().iterdir() if p.suffix.lower() in standins.IMAGE_SUFFIXES)
+            values = [p.relative_to(root).as_posix() for p in names]
+        elif path.is_file():
+            values = [line for line in path.read_text().splitlines() if line.strip()]
+        else:
+            raise WorkflowError(f"--sweep {text!r}: {path} is neither a file of values nor a folder of images")
+    elif raw.startswith("["):
+        try:
+            items = json.loads(raw)
+        except ValueError as e:
+            raise WorkflowError(f"--sweep {text!r}: not a JSON list ({e})") from None
+        values = [item if isinstance(item, str) else json.dumps(item) for item in items]
+    elif ".." in raw and all(part.strip().lstrip("-").isdigit() for part in raw.split("..")):
+        first, last = (int(part) for part in raw.split(".."))
+        values = [str(n) for n in range(first, last + 1)]
+    else:
+        values = raw.split(",")
+    if not values:
+        raise WorkflowError(f"--sweep {text!r} gives no values")
+    return target, values
+
+
+def jobs(prompt: dict, extra: dict, sweeps: list[str], defs) -> list[tuple[dict, dict, str]]:
+    """(prompt, extra PNG info, label) per job: every combination of the sweeps, the last one varying fastest."""
+    axes = [sweep_values(text, host.input_dir()) for text in sweeps]
+    out = []
+    for combination in itertools.product(*(values for _, values in axes)):
+        assignments = [f"{target}={value}" for (target, _), value in zip(axes, combination)]
+        job_prompt, job_extra = copy.deepcopy(prompt), copy.deepcopy(extra)
+        set_inputs(job_prompt, assignments, defs, job_extra.get("workflow"))
+        if assignments:  # every job checked before the first runs
+            error, node_errors = validate(copy.deepcopy(job_prompt), defs)
+            if error or node_errors:
+                raise ValidationError(error, node_errors, f"the job with {' '.join(assignments)} is not valid")
+        out.append((job_prompt, job_extra, " ".join(assignments)))
+    return out
+
+
+def launched() -> bool:
+    """Started by torchrun (or inside an initialised process group) with more than one process."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size() > 1
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def setup(device: str | None) -> bool:
+    """Joins torchrun's process group (NCCL on GPUs, gloo with --device cpu) and takes this rank's GPU,
+    cuda:LOCAL_RANK; True when this process started the group (and should end it)."""
+    if dist.is_initialized():
+        return False
+    cpu = device == "cpu" or not torch.cuda.is_available()
+    if not cpu:
+        if device not in (None, "cuda"):
+            raise WorkflowError(f"--device {device}: under torchrun each rank takes cuda:LOCAL_RANK; pass cuda or cpu")
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("gloo" if cpu else "nccl", timeout=RANK_WAIT)
+    return True
+
+
+class _Held:
+    """standins.hold: the files of the running job, kept as bytes until its numbers are known."""
+
+    def __init__(self):
+        self.files: list[tuple[Path, str, str, bytes]] = []  # folder, prefix, suffix, contents
+
+    def __call__(self, folder: Path, prefix: str, write, suffix: str) -> Path:
+        buffer = io.BytesIO()
+        write(buffer)
+        self.files.append((folder, prefix, suffix, buffer.getvalue()))
+        return folder / f"{prefix}_pending_{suffix}"
+
+
+def _snapshot(folders: list[Path]) -> dict[Path, list[str]]:
+    """The file names under each folder (recursively), by resolved folder."""
+    names = {}
+    for root in folders:
+        for folder, _, files in os.walk(root):
+            names[Path(folder).resolve()] = files
+    return names
+
+
+class _Numbering:
+    """Job j's k-th image of a prefix gets base + j * n + k, n = images per job of that prefix (one run's order)."""
+
+    def __init__(self):
+        self.existing = _snapshot([host.output_dir(), standins.preview_dir()])
+        self.per_job: dict[tuple[str, str], dict[int, int]] = {}  # (folder, prefix) -> {job: images}
+
+    def save(self, job: int, held: _Held) -> list[Path]:
+        groups: dict[tuple[Path, str, str], list[bytes]] = {}
+        for folder, prefix, suffix, data in held.files:
+            groups.setdefault((folder, prefix, suffix), []).append(data)
+        paths = []
+        for (folder, prefix, suffix), files in groups.items():
+            self.per_job.setdefault((str(folder), prefix), {})[job] = len(files)
+            base = standins.next_counter(folder, prefix, self.existing.get(folder.resolve(), []))
+            for k, data in enumerate(files):
+                write = lambda f, data=data: f.write(data)  # noqa: E731
+                paths.append(standins.write_new(folder, prefix, write, suffix, counter=base + job * len(files) + k))
+        return paths
+
+
+class _Progress:
+    """Rank 0 prints one line whenever the ranks' count of finished jobs changes (through torchrun's store)."""
+
+    def __init__(self, store, total: int, show: bool):
+        self.store, self.total, self.start, self.stop = store, total, time.monotonic(), threading.Event()
+        self.thread = threading.Thread(target=self._report, daemon=True) if show else None
+        if self.thread:
+            self.thread.start()
+
+    def _report(self) -> None:
+        seen = -1
+        while not self.stop.wait(POLL_SECONDS):
+            done, failed = self.store.add(_KEY + "done", 0), self.store.add(_KEY + "failed", 0)
+            if (done, failed) != seen:
+                seen = (done, failed)
+                bar = "#" * (20 * done // max(self.total, 1))
+                note = f", {failed} failed" if failed else ""
+                print(f"[{bar:<20}] {done}/{self.total} jobs{note}, {time.monotonic() - self.start:.0f}s",
+                      file=sys.stderr, flush=True)  # fmt: skip
+
+    def finish(self) -> None:
+        if self.thread:
+            self.stop.set()
+            self.thread.join()
+
+
+def run_distributed(jobs_: list, run_job, sequence_parallel: bool) -> list[Path]:
+    """Runs jobs_ [(prompt, extra, label)] over the process group with run_job(prompt, extra) -> saved paths.
+    Returns (on every rank) the saved paths of all jobs in job order; raises WorkflowError after every rank is done
+    when a job failed (the files of the jobs that finished stay)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    numbering = None if sequence_parallel else _Numbering()
+    dist.barrier()  # every rank has read the folders before any writes
+    store = dist.distributed_c10d._get_default_store()
+    progress = _Progress(store, len(jobs_), rank == 0)
+    mine = range(len(jobs_)) if sequence_parallel else range(rank, len(jobs_), world)
+    saved, error = {}, None
+    try:
+        for job in mine:
+            prompt, extra, label = jobs_[job]
+            held = _Held()
+            writes = numbering is None and rank == 0  # sequence parallel: rank 0 saves, the others drop theirs
+            standins.hold = None if writes else held
+            try:
+                paths = run_job(prompt, extra)
+            except (WorkflowError, OSError) as e:
+                error = f"job {job + 1}/{len(jobs_)} ({label or 'the workflow'}) failed on rank {rank}: {e}"
+                store.add(_KEY + "failed", 1)
+                break
+            finally:
+                standins.hold = None
+            if numbering is not None:
+                paths = numbering.save(job, held)
+            if numbering is not None or writes:
+                saved[job] = [str(p) for p in paths]
+                store.add(_KEY + "done", 1)
+    finally:
+        progress.finish()
+    results = [None] * world
+    dist.all_gather_object(results, (saved, error, numbering.per_job if numbering else {}))
+    errors = [e for _, e, _ in results if e]
+    errors += _uneven([counts for _, _, counts in results])
+    paths = [Path(p) for job in range(len(jobs_)) for result in results for p in result[0].get(job, [])]
+    if errors:
+        raise WorkflowError("\n  ".join([f"{len(errors)} problem(s); the finished jobs' files are kept", *errors]))
+    return paths
+
+
+def _uneven(counts_by_rank: list[dict]) -> list[str]:
+    """Prefixes whose jobs saved different numbers of images (then the numbering differs from one process's)."""
+    merged: dict = {}
+    for counts in counts_by_rank:
+        for key, per_job in counts.items():
+            merged.setdefault(key, {}).update(per_job)
+    return [f"jobs saved {sorted(set(per_job.values()))} images to {prefix!r} in {folder}: files are numbered as "
+            "if each saved the same number (none overwritten), not as one process numbers them"
+            for (folder, prefix), per_job in merged.items() if len(set(per_job.values())) > 1]  # fmt: skip
