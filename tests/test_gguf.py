@@ -1,13 +1,18 @@
 """GGUF: our torch dequantisation against the gguf package's numpy reference for every type; a tiny Flux and a tiny T5
 written as GGUF (every type, as city96 / llama.cpp lay them out) against the same weights dequantised ahead into
 safetensors, kept quantised through compile_blocks, streaming and LoRAs and through the nodes; wrong files."""
+import importlib
+import json
+import runpy
 import sys
 
 import gguf
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import save_file
+from conftest import REPO
 from test_nodes import load_pack_as
 from tiny_ae import tiny_ae_params, write_ae_bfl
 from tiny_flux import random_weights, tiny_inputs, tiny_params
@@ -218,20 +223,27 @@ def test_t5_gguf_in_llama_cpp_names_matches_the_dequantised_weights(tmp_path):
 # --- the nodes ----------------------------------------------------------------------------------------------------------
 
 
-def test_nodes_list_and_run_gguf_flux_and_t5(tmp_path):
-    pack = load_pack_as("ComfyUI-FluxKit-gguf")
+@pytest.fixture(scope="module")
+def gguf_models(tmp_path_factory):
+    """A models folder with a GGUF Flux (Q4_K / Q5_K) and T5 (Q8_0), the safetensors they dequantise to, CLIP-L, AE."""
+    root = tmp_path_factory.mktemp("gguf_models")
     for sub in ("diffusion_models", "text_encoders", "vae"):
-        (tmp_path / sub).mkdir()
+        (root / sub).mkdir()
     params = tiny_params(vec_in_dim=64, context_in_dim=32)
-    flux = write_gguf(tmp_path / "diffusion_models" / "flux1-dev-Q4_K_S.gguf", random_weights(params), "flux", [Q.Q4_K, Q.Q5_K])
-    save_file(flux, str(tmp_path / "diffusion_models" / "flux1-dev.safetensors"))
+    flux = write_gguf(root / "diffusion_models" / "flux1-dev-Q4_K_S.gguf", random_weights(params), "flux", [Q.Q4_K, Q.Q5_K])
+    save_file(flux, str(root / "diffusion_models" / "flux1-dev.safetensors"))
     hf = t5_weights(tiny_t5_config(width=32))
-    t5 = write_gguf(tmp_path / "text_encoders" / "t5-Q8_0.gguf", llama_cpp_t5_names(hf), "t5", [Q.Q8_0])
+    t5 = write_gguf(root / "text_encoders" / "t5-Q8_0.gguf", llama_cpp_t5_names(hf), "t5", [Q.Q8_0])
     names = dict(zip(llama_cpp_t5_names(hf), hf))
-    save_file({names[k]: v for k, v in t5.items()}, str(tmp_path / "text_encoders" / "t5.safetensors"))
-    write_clip_l(tmp_path / "text_encoders" / "clip_l.safetensors", tiny_clip_config(width=64))
-    write_ae_bfl(tmp_path / "vae" / "ae.safetensors", tiny_ae_params())
-    sys.modules[pack.__name__ + ".nodes.host"].configure(models_dir=tmp_path, output_dir=tmp_path / "output")
+    save_file({names[k]: v for k, v in t5.items()}, str(root / "text_encoders" / "t5.safetensors"))
+    write_clip_l(root / "text_encoders" / "clip_l.safetensors", tiny_clip_config(width=64))
+    write_ae_bfl(root / "vae" / "ae.safetensors", tiny_ae_params())
+    return root
+
+
+def test_nodes_list_and_run_gguf_flux_and_t5(gguf_models):
+    pack = load_pack_as("ComfyUI-FluxKit-gguf")
+    sys.modules[pack.__name__ + ".nodes.host"].configure(models_dir=gguf_models, output_dir=gguf_models / "output")
     nodes = pack.NODE_CLASS_MAPPINGS
     assert "flux1-dev-Q4_K_S.gguf" in nodes["FluxKitModelLoader"].INPUT_TYPES()["required"]["unet_name"][0]
     assert "t5-Q8_0.gguf" in nodes["FluxKitTextEncoderLoader"].INPUT_TYPES()["required"]["clip_name2"][0]
@@ -247,6 +259,17 @@ def test_nodes_list_and_run_gguf_flux_and_t5(tmp_path):
     assert isinstance(flux.double_blocks[0].img_attn.qkv, GGUFLinear) and "Q8_0" in t5.description
     assert latents[0]["samples"].abs().max() > 0
     torch.testing.assert_close(latents[0]["samples"], latents[1]["samples"], rtol=0, atol=1e-5)
+
+
+def test_shipped_workflow_runs_headless_on_gguf_files(gguf_models, tmp_path):
+    pack = runpy.run_path(str(REPO / "__main__.py"))["load_pack"]()
+    runner = importlib.import_module(f"{pack.__name__}.nodes.runner")
+    argv = ["run", str(REPO / "workflows" / "flux_dev_txt2img.json"), "--models", str(gguf_models), "--output",
+            str(tmp_path), "--set", "1.unet_name=flux1-dev-Q4_K_S.gguf", "--set", "2.clip_name2=t5-Q8_0.gguf",
+            "--set", "6.steps=2", "--set", "5.width=64", "--set", "5.height=48"]  # fmt: skip
+    assert runner.main(argv) == 0
+    (png,) = tmp_path.rglob("*.png")
+    assert json.loads(Image.open(png).text["prompt"])["1"]["inputs"]["unet_name"] == "flux1-dev-Q4_K_S.gguf"
 
 
 # --- wrong files --------------------------------------------------------------------------------------------------------
