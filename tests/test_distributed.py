@@ -12,7 +12,9 @@ from test_workflow import FAKE_NODES, Sampler, api_prompt, defs, load
 from tiny_flux import random_weights, tiny_inputs, tiny_params
 
 from flux_core import parallel
-from flux_core.model import Flux
+from flux_core.checkpoint import load_safetensors
+from flux_core.model import Flux, preset
+from flux_core.seq2seq import ShapeTask, Trainer, TrainConfig
 
 WORLD = 2
 runner, distributed, host = load("runner"), load("distributed"), load("host")
@@ -131,3 +133,50 @@ def test_sweep_values_and_refusals(tmp_path):
     with pytest.raises(WorkflowError, match=r"7\.steps=0 is not valid"):
         distributed.jobs(api_prompt(), {}, ["7.steps=1,0"], defs())
     assert _run(tmp_path, "out", "--sequence-parallel") == 1  # one process: nothing to split over
+
+
+# ---------------------------------------------------------------------------------------------- seq2seq DDP training
+
+TRAIN = dict(steps=4, batch_size=4, grad_accum=2, warmup=1, lr=3e-3, seed=3)
+
+
+def _trainer(**overrides) -> "Trainer":
+    return Trainer(preset("seq2seq-demo"), ShapeTask(train_points=8), TrainConfig(**{**TRAIN, **overrides}))
+
+
+def _training_worker(rank: int, tmp_path) -> None:
+    trainer = _trainer()
+    assert trainer.world == 2 and trainer.ddp is not None
+    trainer.train(tmp_path / "two-at-2", until=2, progress=False)
+    trainer.train(tmp_path / "two-at-4", progress=False)
+    resumed = Trainer.resume(tmp_path / "one-at-2", ShapeTask(train_points=8))  # 1 process -> 2
+    resumed.train(tmp_path / "one-then-two", progress=False)
+    if rank == 0:
+        (tmp_path / "losses.json").write_text(json.dumps([trainer.losses, resumed.losses]))
+    with pytest.raises(ValueError, match="batch_size 3 does not split over 2 processes"):
+        _trainer(batch_size=3)
+
+
+def test_ddp_training_follows_one_process(tmp_path):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        one = _trainer()
+        assert one.world == 1 and one.ddp is None
+        one.train(tmp_path / "one-at-2", until=2, progress=False)
+        one.train(None, progress=False)
+        spawn(_training_worker, tmp_path, tmp_path)
+        two, one_then_two = json.loads((tmp_path / "losses.json").read_text())
+        back = Trainer.resume(tmp_path / "two-at-2", ShapeTask(train_points=8))  # 2 processes -> 1
+        back.train(None, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    assert len(one.losses) == 4 and len(set(one.losses)) == 4  # a real curve
+    for curve in (two, one_then_two, back.losses):
+        torch.testing.assert_close(torch.tensor(curve), torch.tensor(one.losses), rtol=1e-5, atol=1e-7)
+    saved = load_safetensors(tmp_path / "two-at-4" / "model.safetensors")  # rank 0's EMA weights
+    assert json.loads((tmp_path / "two-at-4" / "train_state.json").read_text())["step"] == 4
+    for name, tensor in one.ema.items():
+        torch.testing.assert_close(saved[name], tensor, rtol=1e-4, atol=1e-6)
+    for name, tensor in one.run.model.state_dict().items():
+        torch.testing.assert_close(back.run.model.state_dict()[name], tensor, rtol=1e-4, atol=1e-6)

@@ -107,11 +107,11 @@ class Seq2Seq:
         cond_ids = position_ids(self.layout.cond_ids, cond.shape[1], n_axes).to(x.device)
         return self.model(x, data_ids, cond, cond_ids, t, y)
 
-    def loss(self, batch: Batch, t: Tensor, generator: torch.Generator) -> Tensor:
+    def loss(self, batch: Batch, t: Tensor, generator: torch.Generator, noise: Tensor | None = None) -> Tensor:
         """The flow-matching loss of a batch at times t (B,), noise drawn from `generator` (a CPU one, so a seed
-        gives the same noise on every device)."""
+        gives the same noise on every device) unless given."""
         x0 = self.normalize(batch.data)
-        noise = torch.randn(x0.shape, generator=generator).to(x0.device)
+        noise = (torch.randn(x0.shape, generator=generator) if noise is None else noise).to(x0.device)
         t = t.to(x0.device)
         return self.flow.loss(lambda x_t, t: self.predict(x_t, t, batch.cond, batch.y), x0, noise, t)
 

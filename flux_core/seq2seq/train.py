@@ -1,5 +1,11 @@
 """Training a seq2seq Flux: AdamW, warmup + cosine learning rate, gradient clipping and accumulation, EMA weights,
-optional bf16 autocast, checkpoints that resume bit-identically (weights, EMA, optimizer, step, RNG states)."""
+optional bf16 autocast, checkpoints that resume bit-identically (weights, EMA, optimizer, step, RNG states).
+
+Data-parallel under torchrun (DistributedDataParallel): every rank draws the same global batch, time and noise from
+the same seeded streams and trains on its equal share of it; DDP averages the gradients, so N processes follow the
+one-process run (the same loss curve within float rounding), and the saved state (RNG streams included) is that of
+the one-process run at the same step: a run resumes on any number of processes. Rank 0 writes the run."""
+import contextlib
 import json
 import math
 import os
@@ -7,13 +13,15 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from safetensors.torch import save_file
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from ..checkpoint import load_safetensors, strip_prefix
 from ..model import Flux, FluxParams
 from ..sampling import FlowMatch
-from .core import MODEL_FILE, Layout, Seq2Seq, Task, read_params, save_run, write_atomic
+from .core import MODEL_FILE, Batch, Layout, Seq2Seq, Task, read_params, save_run, write_atomic
 
 STATE_FILE, TRAIN_STATE_FILE = "state.safetensors", "train_state.json"
 TIME_DISTRIBUTIONS = ("uniform", "logit_normal", "beta")  # FlowMatch.sample_t
@@ -86,6 +94,25 @@ def init_model(params: FluxParams, seed: int) -> Flux:
     return model
 
 
+def join_process_group(device: str) -> str:
+    """Under torchrun (WORLD_SIZE > 1): joins the process group, NCCL for CUDA (each rank on cuda:LOCAL_RANK) or
+    gloo for the CPU, and returns this rank's device; else `device` as given."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return device
+    if torch.device(device).type == "cuda":
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.device(device).type == "cuda" else "gloo")
+    return device
+
+
+class _DataParallel(DistributedDataParallel):
+    @property
+    def params(self) -> FluxParams:  # Seq2Seq.predict reads the model's params
+        return self.module.params
+
+
 class Trainer:
     def __init__(
         self,
@@ -97,8 +124,15 @@ class Trainer:
     ):
         check_task(params, task)
         self.task, self.config, self.device = task, config, torch.device(device)
+        self.world = dist.get_world_size() if dist.is_initialized() else 1
+        self.rank = dist.get_rank() if self.world > 1 else 0
+        if config.batch_size % self.world:
+            raise ValueError(f"batch_size {config.batch_size} does not split over {self.world} processes, which take "
+                             f"equal shares of every batch: pick a multiple of {self.world}")  # fmt: skip
         model = init_model(params, config.seed).to(self.device)
         self.run = Seq2Seq(model, task.layout, flow or FlowMatch(shift=False))
+        device_ids = [self.device] if self.device.type == "cuda" else None
+        self.ddp = _DataParallel(model, device_ids=device_ids) if self.world > 1 else None
         self.ema = {name: p.detach().clone() for name, p in model.named_parameters()}
         self.optimizer = torch.optim.AdamW(
             model.parameters(), lr=config.lr, betas=(config.beta1, config.beta2), weight_decay=config.weight_decay
@@ -113,16 +147,27 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = cfg.lr_at(self.step)
         self.optimizer.zero_grad(set_to_none=True)
+        run = Seq2Seq(self.ddp, self.run.layout, self.run.flow) if self.ddp else self.run
+        share = cfg.batch_size // self.world
+        mine = slice(self.rank * share, (self.rank + 1) * share)  # this rank's rows of each global batch
         total = 0.0
-        for _ in range(cfg.grad_accum):
-            batch = self.task.batch(cfg.batch_size, self.data_rng).to(self.device)
+        for i in range(cfg.grad_accum):
+            batch = self.task.batch(cfg.batch_size, self.data_rng)  # the same on every rank (same seeded streams)
             t = self.run.flow.sample_t(
                 cfg.batch_size, self.noise_rng, cfg.time_dist, cfg.time_a, cfg.time_b, seq_len=batch.data.shape[1]
             )
-            with torch.autocast(self.device.type, torch.bfloat16, enabled=cfg.bf16):
-                loss = self.run.loss(batch, t, self.noise_rng) / cfg.grad_accum
-            loss.backward()
+            noise = torch.randn(batch.data.shape, generator=self.noise_rng)
+            batch = Batch(batch.cond[mine], batch.data[mine], None if batch.y is None else batch.y[mine])
+            last = i == cfg.grad_accum - 1  # DDP averages the accumulated gradients once, after the last
+            with self.ddp.no_sync() if self.ddp and not last else contextlib.nullcontext():
+                with torch.autocast(self.device.type, torch.bfloat16, enabled=cfg.bf16):
+                    loss = run.loss(batch.to(self.device), t[mine], self.noise_rng, noise[mine]) / cfg.grad_accum
+                loss.backward()
             total += loss.item()
+        if self.world > 1:  # the global batch's loss: the mean of the equal shares'
+            summed = torch.tensor(total, dtype=torch.float64, device=self.device)
+            dist.all_reduce(summed)
+            total = summed.item() / self.world
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         self.optimizer.step()
@@ -140,7 +185,8 @@ class Trainer:
     def train(self, run_dir: str | os.PathLike | None = None, until: int | None = None, progress: bool = True) -> None:
         """Train up to step `until` (default config.steps), checkpointing into `run_dir` when given."""
         end, every = until or self.config.steps, self.config.save_every
-        with tqdm(total=end, initial=self.step, desc="train", unit="step", disable=not progress) as bar:
+        show = progress and self.rank == 0
+        with tqdm(total=end, initial=self.step, desc="train", unit="step", disable=not show) as bar:
             while self.step < end:
                 self.train_step()
                 bar.set_postfix_str(f"loss {self.recent_loss():.4f} (mean of last {LOSS_WINDOW} steps), "
@@ -163,7 +209,13 @@ class Trainer:
         return Seq2Seq(model.eval(), self.run.layout, self.run.flow)
 
     def save(self, run_dir: str | os.PathLike) -> None:
-        run_dir = Path(run_dir)
+        """Rank 0 writes the run (every rank holds the same state); the others wait until it is written."""
+        if self.rank == 0:
+            self._write(Path(run_dir))
+        if self.world > 1:
+            dist.barrier()
+
+    def _write(self, run_dir: Path) -> None:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_run(run_dir, self.run, self.ema, self.task.describe())
         state = {f"model.{k}": v for k, v in self.run.model.state_dict().items()}
