@@ -27,7 +27,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     start = time.time()
     with tempfile.TemporaryDirectory() as scratch:
-        results = run_demo(args.run or scratch, steps=args.steps, progress=False)
+        results = run_demo(args.run or scratch, steps=args.steps)  # progress on stderr
     wall = time.time() - start
     chamfer = results["chamfer"]
     print(f"seq2seq demo: {results['steps']} steps, {args.threads} thread(s); {results['eval']}")

@@ -19,7 +19,7 @@ from ..model import PRESETS, FluxParams, preset
 from ..sampling import FlowMatch
 from . import Seq2Seq, ShapeTask, TensorTask, Trainer, TrainConfig, init_model, load_run, make_task, read_params, sample
 from .demo import DEMO_PRESET, DEMO_THREADS, DEMO_TRAIN, EVAL_STEPS, compare, plot, run_demo
-from .train import LOSS_WINDOW, TRAIN_STATE_FILE
+from .train import LOSS_WINDOW, TRAIN_STATE_FILE, join_process_group
 
 DATA_WIDTHS = ("in_channels", "out_channels", "context_in_dim", "vec_in_dim")  # FluxParams set from the data
 RESUMABLE = {"command", "run", "resume", "steps", "device", "threads", "traceback"}  # all else is the run's own
@@ -123,10 +123,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _new_run_dir(run: Path) -> None:
-    """Refuse a run directory that holds a run or cannot be written, before any training."""
+def _new_run_dir(run: Path, fix: str = "pass another --run") -> None:
+    """Refuse a run directory that holds a run (nothing is overwritten) or cannot be written, before any training."""
     if (run / TRAIN_STATE_FILE).is_file():
-        raise ValueError(f"{run} already holds a run: pass --resume to continue it, or another --run")
+        raise ValueError(f"{run} already holds a run: {fix}")
     run.mkdir(parents=True, exist_ok=True)
     if not os.access(run, os.W_OK):
         raise ValueError(f"{run} is not writable: pass another --run")
@@ -142,6 +142,7 @@ def demo_command(args) -> None:
 
 
 def train_command(args) -> None:
+    args.device = join_process_group(args.device)  # under torchrun: data-parallel, this rank's device
     run = Path(args.run)
     overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if f.name in args}
     defaults = vars(_parser().parse_args(["train", "--run", args.run]))
@@ -160,7 +161,7 @@ def train_command(args) -> None:
             raise ValueError(f"{_flags(stray)}: only for a --data file; the built-in shapes task takes none")
         config = replace(DEMO_TRAIN if args.data is None else TrainConfig(), **overrides)  # checked before any work
         flux_overrides = dict(_flux_override(item) for item in args.set)
-        _new_run_dir(run)
+        _new_run_dir(run, "pass --resume to continue it, or another --run")
         task = TensorTask(args.data, args.data_ids, args.cond_ids, args.holdout) if args.data else ShapeTask()
         probe = task.batch(1, torch.Generator().manual_seed(0))
         data_dim, cond_dim = probe.data.shape[-1], probe.cond.shape[-1]
@@ -169,8 +170,9 @@ def train_command(args) -> None:
         params = preset(args.preset, **widths, **flux_overrides)
         trainer = Trainer(params, task, config, FlowMatch(shift=args.shift), args.device)
     trainer.train(run)
-    print(f"trained to step {trainer.step}, loss {trainer.recent_loss():.4f} (mean of last {LOSS_WINDOW} steps); "
-          f"run in {run}")  # fmt: skip
+    if trainer.rank == 0:
+        print(f"trained to step {trainer.step}, loss {trainer.recent_loss():.4f} (mean of last {LOSS_WINDOW} steps); "
+              f"run in {run}")  # fmt: skip
 
 
 def _flags(dests: list[str]) -> str:
@@ -247,7 +249,7 @@ def eval_command(args) -> None:
         untrained = Seq2Seq(init_model(run.model.params, seed), run.layout, run.flow)
         results = compare(task, run, untrained, args.seed, args.steps)
     elif isinstance(task, ShapeTask):
-        results = task.evaluate(run, args.steps, args.seed, args.method, label=Path(args.run).name)
+        results = task.evaluate(run, args.steps, args.seed, args.method, label=Path(args.run).resolve().name or "run")
     else:
         results = task.evaluate(run, args.steps, args.seed, args.method)
     print(json.dumps(results, indent=1))

@@ -213,12 +213,12 @@ def run_demo(run_dir: str | os.PathLike, steps: int = DEMO_TRAIN.steps, seed: in
     trainer = Trainer(preset(DEMO_PRESET), task, replace(DEMO_TRAIN, steps=steps))
     untrained = Seq2Seq(init_model(preset(DEMO_PRESET), DEMO_TRAIN.seed), task.layout, trainer.run.flow)  # same init
     say = partial(print, file=sys.stderr, flush=True) if progress else lambda *_: None
-    say(f"train: {steps} steps on the shapes task, {torch.get_num_threads()} CPU thread(s) (about 4 min on one)")
+    say(f"train: {steps} steps on the shapes task, {torch.get_num_threads()} CPU thread(s)")
     start = time.time()
     trainer.train(run_dir, progress=progress)
     train_seconds = time.time() - start
     say(f"evaluate: sample {EVAL_COUNT} held-out shapes with the trained model (Euler and Heun) and the untrained "
-        "one, then score them and the baselines by Chamfer distance (about 1.5 min on one thread)")  # fmt: skip
+        "one, then score them and the baselines by Chamfer distance (about 1.5 min on one idle thread)")  # fmt: skip
     trained = load_run(run_dir)
     results = {"steps": trainer.step, "train_seconds": round(train_seconds, 1), "threads": torch.get_num_threads(),
                **compare(task, trained, untrained, seed, progress=progress)}  # fmt: skip
