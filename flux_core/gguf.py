@@ -17,7 +17,6 @@ from .checkpoint import KIND_LOADERS, CheckpointError, identify
 from .ops import Linear
 
 Q = gguf.GGMLQuantizationType
-QK_K = 256  # weights per K-quant super-block
 NATIVE = {Q.F32: torch.float32, Q.F16: torch.float16, Q.BF16: torch.bfloat16}
 EAGER_CHUNK = 2**24  # weights dequantised at once outside torch.compile
 
