@@ -22,6 +22,8 @@ MODEL_FOLDERS = {
     "loras": ("loras",),
 }
 WEIGHT_SUFFIXES = (".safetensors", ".sft", ".gguf")
+RUN_FOLDER_KINDS = ("fluxkit_seq2seq",)  # ours: each model is a folder, registered with ComfyUI under its models dir
+PACK_DIR = Path(__file__).absolute().parents[1]  # not resolved: the folder name ComfyUI knows the pack by
 _fallback = {"models_dir": None, "output_dir": None, "input_dir": None, "comfy_root": None}
 
 
@@ -55,16 +57,52 @@ def models_root() -> Path:
     return (_fallback["models_dir"] or Path(os.environ.get("FLUXKIT_MODELS", "models"))).absolute()
 
 
+def register_model_folders() -> None:
+    """Inside ComfyUI: our own kinds as ComfyUI model folders (models/fluxkit_seq2seq beside models/vae, plus any
+    extra_model_paths.yaml adds), so they are found wherever the server was started."""
+    folder_paths = _comfy("folder_paths")
+    for kind in RUN_FOLDER_KINDS if folder_paths is not None else ():
+        folder_paths.add_model_folder_path(kind, os.path.join(folder_paths.models_dir, kind))
+
+
+def register_template_route() -> None:
+    """Inside ComfyUI: serve workflows/ at /api/workflow_templates/<pack folder>/<file> when that folder's name has a
+    space. ComfyUI 0.8.0 mounts each pack's templates with aiohttp's web.static under the raw folder name, and
+    aiohttp matches that prefix percent-encoded ("Flux%20Kit") against the decoded request path, so every file 404s
+    and clicking a template does nothing. This route (looked up after ComfyUI's own) serves our folder only."""
+    server, pack = _comfy("server"), PACK_DIR
+    if server is None or getattr(server.PromptServer, "instance", None) is None or " " not in pack.name:
+        return
+    from aiohttp import web  # ComfyUI's web server
+
+    @server.PromptServer.instance.routes.get("/workflow_templates/{pack}/{name}")
+    async def template(request):
+        path = pack / "workflows" / request.match_info["name"]
+        if request.match_info["pack"] != pack.name or path.parent.name != "workflows" or not path.is_file():
+            raise web.HTTPNotFound()
+        return web.FileResponse(path)
+
+
+def _comfy_files(kind: str):
+    """folder_paths when ComfyUI lists and finds this kind's files itself (not for folder models), else None."""
+    folder_paths = _comfy("folder_paths")
+    known = folder_paths is not None and kind in folder_paths.folder_names_and_paths and kind not in RUN_FOLDER_KINDS
+    return folder_paths if known else None
+
+
 def _folders(kind: str) -> list[Path]:
     if kind not in MODEL_FOLDERS:
         raise KeyError(f"unknown model folder kind {kind!r}; known: {', '.join(MODEL_FOLDERS)}")
+    folder_paths = _comfy("folder_paths")
+    if folder_paths is not None and kind in folder_paths.folder_names_and_paths:
+        return [Path(p) for p in folder_paths.get_folder_paths(kind)]
     return [models_root() / sub for sub in MODEL_FOLDERS[kind]]
 
 
 def model_list(kind: str) -> list[str]:
     """Weight files, and diffusers folders (with a model_index.json or config.json), under a model kind."""
-    folder_paths = _comfy("folder_paths")
-    if folder_paths is not None and kind in folder_paths.folder_names_and_paths:
+    folder_paths = _comfy_files(kind)
+    if folder_paths is not None:
         names = set(folder_paths.get_filename_list(kind))
         for folder in folder_paths.get_folder_paths(kind):  # ComfyUI's extension filter has no .gguf
             names.update(folder_paths.filter_files_extensions(folder_paths.recursive_search(folder)[0], {".gguf"}))
@@ -93,8 +131,8 @@ def model_path(kind: str, name: str) -> Path:
     path, no '..'); symlinks in the folder are followed wherever they lead, as ComfyUI users link model files."""
     if not isinstance(name, str) or not name or Path(name).is_absolute() or ".." in Path(name).parts or "\\" in name:
         raise ValueError(f"model name {name!r} must be a plain name inside the {kind} folder (no absolute path, no '..')")
-    folder_paths = _comfy("folder_paths")
-    if folder_paths is not None and kind in folder_paths.folder_names_and_paths:
+    folder_paths = _comfy_files(kind)
+    if folder_paths is not None:
         return Path(folder_paths.get_full_path_or_raise(kind, name))
     folders = _folders(kind)
     for folder in folders:
@@ -112,8 +150,8 @@ def _not_found(kind: str, names: list, folders: list) -> str:
 def missing_models(kind: str, *names) -> str | None:
     """One line on those of `names` that cannot be loaded (for VALIDATE_INPUTS): where they were looked for and where
     they go; None when all are there. A None name comes through a link: it is checked when it runs."""
-    folder_paths = _comfy("folder_paths")
-    in_comfy = folder_paths is not None and kind in folder_paths.folder_names_and_paths
+    folder_paths = _comfy_files(kind)
+    in_comfy = folder_paths is not None
     missing = []
     for name in (n for n in names if n is not None):
         if in_comfy:
@@ -231,3 +269,7 @@ def step_callback(steps: int, preview=None):
         bar.update_absolute(step, total, image)
 
     return on_step
+
+
+register_model_folders()
+register_template_route()
