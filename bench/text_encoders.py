@@ -26,7 +26,7 @@ from safetensors.torch import save_file  # noqa: E402
 from tiny_text import t5_weights, tiny_t5_config, to_fp8, write_clip_l, write_component  # noqa: E402
 from transformers import CLIPTokenizer, T5EncoderModel, T5TokenizerFast  # noqa: E402
 
-from flux_core.conditioning import TextEncoders, load_clip, load_t5  # noqa: E402
+from flux_core.conditioning import BUNDLED_TOKENIZERS, TextEncoders, load_clip, load_t5  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PROMPT = "A cinematic photo of a red fox reading a newspaper in a cafe in Paris, morning light, shallow depth of field"
@@ -59,7 +59,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--fp8", action="store_true", help="also an fp8 (e4m3fn) single file: bytes and encode time")
-    parser.add_argument("--tokenizers", type=Path, default=REPO.parent / "shared" / "tokenizers")
+    parser.add_argument("--tokenizers", type=Path, default=BUNDLED_TOKENIZERS)
     args = parser.parse_args()
     dtype, device = DTYPES[args.dtype], torch.device(args.device)
     prompts = [PROMPT] * args.batch

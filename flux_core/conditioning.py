@@ -53,6 +53,7 @@ _TOKENIZER_FILES = {
 _TOKENIZER_CLASSES = {"clip": CLIPTokenizer, "t5": T5TokenizerFast}
 _TOKENIZER_SUBDIRS = {"clip": ("tokenizer", "clip_l", "sd1_tokenizer"), "t5": ("tokenizer_2", "t5_xxl", "t5_tokenizer")}
 _COMFY_TOKENIZERS = {"clip": "sd1_tokenizer", "t5": "text_encoders/t5_tokenizer"}
+BUNDLED_TOKENIZERS = Path(__file__).parent / "tokenizers"  # clip_l/, t5_xxl/: ComfyUI's files, shipped (NOTICE.md)
 _NAMES = {"clip": "CLIP-L", "t5": "T5"}
 
 
@@ -301,7 +302,7 @@ def comfy_package_dir(comfy_root=None) -> Path | None:
 def tokenizer_places(which: str, tokenizer_dirs: Sequence = (), model_path=None, comfy_root=None) -> list[Path]:
     """Where the `which` ("clip" / "t5") tokenizer is looked for, in order: each of `tokenizer_dirs` and its
     tokenizer/ (tokenizer_2/), clip_l/ (t5_xxl/), sd1_tokenizer/ (t5_tokenizer/) subfolders; beside a diffusers model
-    folder; ComfyUI's bundled copy."""
+    folder; ComfyUI's bundled copy; last, the copy shipped with flux_core (`BUNDLED_TOKENIZERS`)."""
     subdirs = _TOKENIZER_SUBDIRS[which]
     places = [p for d in map(Path, tokenizer_dirs) for p in (d, *(d / s for s in subdirs))]
     if model_path is not None:
@@ -311,6 +312,7 @@ def tokenizer_places(which: str, tokenizer_dirs: Sequence = (), model_path=None,
     comfy = comfy_package_dir(comfy_root)
     if comfy is not None:
         places.append(comfy / _COMFY_TOKENIZERS[which])
+    places.append(BUNDLED_TOKENIZERS / subdirs[1])
     return list(dict.fromkeys(places))
 
 
@@ -337,8 +339,9 @@ def find_tokenizer(which: str, tokenizer_dirs: Sequence = (), model_path=None, c
     files = " or ".join("+".join(group) for group in _TOKENIZER_FILES[which])
     raise FileNotFoundError(
         f"No {_NAMES[which]} tokenizer found (a folder with {files}). Looked in:\n{looked}{comfy}\n"
-        f"Fix: pass tokenizer_dirs=[folder], e.g. the {_TOKENIZER_SUBDIRS[which][0]}/ folder of a FLUX.1 diffusers "
-        f"repo or ComfyUI's comfy/{_COMFY_TOKENIZERS[which]}; or load from a diffusers pipeline folder that has "
+        f"flux_core's own copy is missing from {BUNDLED_TOKENIZERS}: reinstall FluxKit, or pass "
+        f"tokenizer_dirs=[folder], e.g. the {_TOKENIZER_SUBDIRS[which][0]}/ folder of a FLUX.1 diffusers repo or "
+        f"ComfyUI's comfy/{_COMFY_TOKENIZERS[which]}; or load from a diffusers pipeline folder that has "
         f"{_TOKENIZER_SUBDIRS[which][0]}/; or pass comfy_root=<your ComfyUI folder>."
     )
 

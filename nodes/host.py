@@ -6,6 +6,7 @@ headless runner) they fall back to folders set with `configure()`, a terminal pr
 import importlib
 import os
 import sys
+import weakref
 from pathlib import Path
 
 import torch
@@ -208,12 +209,57 @@ def offload_device() -> torch.device:
     return mm.text_encoder_offload_device() if mm is not None else torch.device("cpu")
 
 
-def free_memory() -> None:
+def free_memory(nbytes: int = 0, keep=()) -> None:
+    """Room on the GPU: inside ComfyUI it unloads what it holds (models of other packs, its own, ours listed with
+    share_with_comfyui except those in `keep`) until `nbytes` are free; then the caches are emptied."""
     mm = _comfy("comfy.model_management")
     if mm is not None:
+        if nbytes:
+            kept = [e for e in mm.current_loaded_models if isinstance(e, ComfyEntry) and e.real_model() in keep]
+            mm.free_memory(nbytes, mm.get_torch_device(), keep_loaded=kept)
         mm.soft_empty_cache()
     elif torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+class ComfyEntry:
+    """One of our models with weights on the GPU, as ComfyUI's model management sees its loaded models (the duck
+    type of comfy.model_management.LoadedModel that free_memory, unload_all_models and cleanup_models use): so
+    ComfyUI's "Unload Models", POST /free and its own loads release it, through `release()`."""
+
+    def __init__(self, owner, device: torch.device, loaded_bytes, release):
+        self.device, self.currently_used, self.real_model = device, True, weakref.ref(owner)
+        self.loaded_bytes, self.release = loaded_bytes, release
+        self.model = self  # ComfyUI logs entry.model.model's class name and compares entries by .model
+
+    def model_memory(self) -> int:
+        return self.loaded_bytes()
+
+    model_loaded_memory = model_memory
+
+    def model_offloaded_memory(self) -> int:
+        return 0
+
+    def model_memory_required(self, device) -> int:
+        return 0
+
+    def model_use_more_vram(self, extra_memory, force_patch_weights=False) -> int:
+        return 0
+
+    def model_unload(self, memory_to_free=None, unpatch_weights=True) -> bool:
+        self.release()
+        return True  # ComfyUI drops the entry; the next placement lists the model again
+
+    def is_dead(self) -> bool:
+        return False
+
+
+def share_with_comfyui(owner, loaded_bytes, release) -> None:
+    """List `owner` (placed on the GPU; loaded_bytes() its GPU bytes now, release() takes them off) among ComfyUI's
+    loaded models, once. No-op outside ComfyUI."""
+    mm = _comfy("comfy.model_management")
+    if mm is not None and not any(isinstance(e, ComfyEntry) and e.real_model() is owner for e in mm.current_loaded_models):
+        mm.current_loaded_models.insert(0, ComfyEntry(owner, mm.get_torch_device(), loaded_bytes, release))
 
 
 def check_interrupt() -> None:
@@ -243,7 +289,8 @@ def progress_bar(total: int):
 
 def tokenizer_dirs() -> list[Path]:
     """Folders that may hold the CLIP-L and T5 tokenizers, most specific first: ComfyUI's bundled ones, then
-    `tokenizers/` in the models folder, then $FLUXKIT_TOKENIZERS."""
+    `tokenizers/` in the models folder, then $FLUXKIT_TOKENIZERS; flux_core's own copy is the last fallback
+    (conditioning.tokenizer_places), so the headless runner needs none of these."""
     dirs = []
     root = comfy_root() or _fallback["comfy_root"]
     if root is not None:

@@ -24,7 +24,9 @@ from tiny_text import (
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5TokenizerFast
 
 from flux_core.checkpoint import CheckpointError
+from conftest import REPO
 from flux_core.conditioning import (
+    BUNDLED_TOKENIZERS,
     TextEncoders,
     clip_config,
     comfy_package_dir,
@@ -32,6 +34,7 @@ from flux_core.conditioning import (
     load_clip,
     load_t5,
     load_text_encoders,
+    load_tokenizer,
     t5_config,
     tokenize,
 )
@@ -44,12 +47,9 @@ CAT_T5 = [3, 9, 1202, 13, 3, 9, 1712, 1]
 
 
 @pytest.fixture(scope="module")
-def tokenizers(shared_dir):
-    """transformers' own tokenizers on the shared files: the reference for ids."""
-    return (
-        CLIPTokenizer.from_pretrained(shared_dir / "tokenizers" / "clip_l"),
-        T5TokenizerFast.from_pretrained(shared_dir / "tokenizers" / "t5_xxl"),
-    )
+def tokenizers():
+    """The tokenizers flux_core finds with no folder given (its bundled copy): transformers' own classes."""
+    return load_tokenizer("clip"), load_tokenizer("t5")
 
 
 @pytest.fixture(scope="module")
@@ -85,6 +85,8 @@ def encoders(clip_path, t5_path, tokenizers, dtype=torch.float32) -> TextEncoder
 
 def test_token_ids_match_transformers_tokenizers(tokenizers):
     clip_tok, t5_tok = tokenizers
+    assert isinstance(clip_tok, CLIPTokenizer) and isinstance(t5_tok, T5TokenizerFast)
+    assert [find_tokenizer(w) for w in ("clip", "t5")] == [BUNDLED_TOKENIZERS / "clip_l", BUNDLED_TOKENIZERS / "t5_xxl"]
     clip_ids = tokenize(clip_tok, [CAT], 77)
     assert clip_ids.shape == (1, 77) and clip_ids[0].tolist() == CAT_CLIP + [49407] * 70
     for length in (512, 256):
@@ -100,10 +102,10 @@ LAYOUTS = [
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_layouts_reproduce_transformers(layout, tmp_path, tokenizers, shared_dir, comfy_files):
+def test_layouts_reproduce_transformers(layout, tmp_path, tokenizers, comfy_files):
     folder, clip, t5 = comfy_files
     clip_path, t5_path = folder / "clip_l.safetensors", folder / "t5xxl_fp16.safetensors"
-    tokenizer_dirs = [shared_dir / "tokenizers"]
+    tokenizer_dirs = []
     if layout == "t5-with-embed_tokens":
         t5_path = tmp_path / "t5.safetensors"
         t5 = write_t5(t5_path, seed=3, embed_tokens=True)
@@ -117,10 +119,12 @@ def test_layouts_reproduce_transformers(layout, tmp_path, tokenizers, shared_dir
         write_all_in_one(clip_path, clip, t5)
     elif layout.startswith("diffusers"):  # tokenizers must come from the pipeline folder itself
         clip, t5 = clip_weights(seed=7), t5_weights(seed=8)
-        root = write_diffusers(tmp_path / "FLUX.1-dev", shared_dir, clip, tiny_clip_config(), t5, tiny_t5_config())
-        clip_path, t5_path, tokenizer_dirs = root, root, []
+        root = write_diffusers(tmp_path / "FLUX.1-dev", clip, tiny_clip_config(), t5, tiny_t5_config())
+        clip_path, t5_path = root, root
         if layout == "diffusers-components":
             clip_path, t5_path = root / "text_encoder", root / "text_encoder_2"
+        assert find_tokenizer("clip", [], clip_path) == root / "tokenizer"
+        assert find_tokenizer("t5", [], t5_path) == root / "tokenizer_2"
     loaded = load_text_encoders(clip_path, t5_path, tokenizer_dirs, dtype=torch.float32)
     txt, y = loaded.encode(PROMPTS)
     ref_txt, ref_y = reference(tmp_path, tokenizers, clip, t5)
@@ -129,12 +133,12 @@ def test_layouts_reproduce_transformers(layout, tmp_path, tokenizers, shared_dir
     torch.testing.assert_close(txt, ref_txt, rtol=0, atol=1e-6)
 
 
-def test_diffusers_config_json_gives_heads_and_activation(tmp_path, tokenizers, shared_dir):
+def test_diffusers_config_json_gives_heads_and_activation(tmp_path, tokenizers):
     """CLIP's shapes cannot tell its heads, a diffusers config.json can (here head dim 32); T5's heads come from its
     relative position bias (here 4 heads of 16), its activation from config.json (gelu_new, as the FLUX.1 repo)."""
     clip_cfg, t5_cfg = tiny_clip_config(heads=2), tiny_t5_config(heads=4, d_kv=16, act="gelu_new")
     clip, t5 = clip_weights(clip_cfg, seed=1), t5_weights(t5_cfg, seed=2)
-    root = write_diffusers(tmp_path / "pipe", shared_dir, clip, clip_cfg, t5, t5_cfg)
+    root = write_diffusers(tmp_path / "pipe", clip, clip_cfg, t5, t5_cfg)
     txt, y = encoders(root, root, tokenizers).encode(PROMPTS)
     ref_txt, ref_y = reference(tmp_path, tokenizers, clip, t5, clip_cfg, t5_cfg)
     torch.testing.assert_close(y, ref_y, rtol=0, atol=1e-6)
@@ -224,18 +228,20 @@ def _no_comfy(monkeypatch):
 
 def test_missing_tokenizer_says_where_it_looked_and_how_to_fix(tmp_path, monkeypatch):
     _no_comfy(monkeypatch)
+    monkeypatch.setattr("flux_core.conditioning.BUNDLED_TOKENIZERS", tmp_path / "gone")  # a broken install
     with pytest.raises(FileNotFoundError) as err:
         load_text_encoders(tmp_path / "clip_l.safetensors", tmp_path / "t5.safetensors", [tmp_path / "mine"])
     message = str(err.value)  # raised before any weights are read (those files do not exist)
     assert "No CLIP-L tokenizer found" in message and str(tmp_path / "mine" / "clip_l") in message
     assert str(tmp_path / "tokenizer") in message and "no importable `comfy`" in message
     assert "tokenizer_dirs=" in message and "comfy_root=" in message and "comfy/sd1_tokenizer" in message
+    assert f"own copy is missing from {tmp_path / 'gone'}: reinstall FluxKit" in message
 
 
-def test_comfyui_bundled_tokenizers_found_without_importing_comfy(tmp_path, monkeypatch, shared_dir, tokenizers):
+def test_comfyui_bundled_tokenizers_found_without_importing_comfy(tmp_path, monkeypatch, tokenizers):
     comfy = tmp_path / "ComfyUI" / "comfy"
-    shutil.copytree(shared_dir / "tokenizers" / "clip_l", comfy / "sd1_tokenizer")
-    shutil.copytree(shared_dir / "tokenizers" / "t5_xxl", comfy / "text_encoders" / "t5_tokenizer")
+    shutil.copytree(BUNDLED_TOKENIZERS / "clip_l", comfy / "sd1_tokenizer")
+    shutil.copytree(BUNDLED_TOKENIZERS / "t5_xxl", comfy / "text_encoders" / "t5_tokenizer")
     (comfy / "__init__.py").write_text("raise RuntimeError('comfy must not be imported')\n")
     assert find_tokenizer("clip", comfy_root=tmp_path / "ComfyUI") == comfy / "sd1_tokenizer"
     monkeypatch.delitem(sys.modules, "comfy", raising=False)
@@ -245,7 +251,8 @@ def test_comfyui_bundled_tokenizers_found_without_importing_comfy(tmp_path, monk
     assert found == comfy / "text_encoders" / "t5_tokenizer" and "comfy" not in sys.modules
     assert tokenize(T5TokenizerFast.from_pretrained(found), [CAT], 256)[0, :8].tolist() == CAT_T5
     # a CLIP tokenizer folder is never taken for T5's, though both may hold tokenizer.json
-    assert find_tokenizer("t5", [shared_dir / "tokenizers" / "clip_l", shared_dir / "tokenizers"]).name == "t5_xxl"
+    (comfy / "sd1_tokenizer" / "tokenizer.json").write_text("{}")
+    assert find_tokenizer("t5", [comfy / "sd1_tokenizer", comfy / "text_encoders"]).name == "t5_tokenizer"
 
 
 def _stub(path, **tensors):
@@ -290,8 +297,9 @@ def test_wrong_files_say_what_they_are(load, file, message, tmp_path, comfy_file
     assert message in str(err.value)
 
 
-def test_real_size_configs_equal_shared_configs(shared_dir):
-    """Configs inferred from the real CLIP-L / T5-XXL shapes (meta tensors) equal ComfyUI's config files."""
+def test_real_size_configs_equal_comfyui_configs():
+    """Configs inferred from the real CLIP-L / T5-XXL shapes (meta tensors) equal ComfyUI's config files (copies in
+    tests/configs)."""
     skip = {"_name_or_path", "architectures", "torch_dtype", "transformers_version", "model_type", "output_past",
             "initializer_factor", "initializer_range", "dropout", "attention_dropout", "dropout_rate",
             "decoder_start_token_id", "is_encoder_decoder", "tie_word_embeddings", "num_decoder_layers"}  # fmt: skip
@@ -299,7 +307,7 @@ def test_real_size_configs_equal_shared_configs(shared_dir):
         ("clip_l", CLIPTextConfig, CLIPTextModel, clip_config),
         ("t5_xxl", T5Config, T5EncoderModel, t5_config),
     ):
-        expected = json.loads((shared_dir / "configs" / f"{name}.json").read_text())
+        expected = json.loads((REPO / "tests" / "configs" / f"{name}.json").read_text())
         with torch.device("meta"):
             state = model_cls(config_cls(**expected)).state_dict()
         inferred = infer({k.removeprefix("text_model."): v for k, v in state.items()})

@@ -13,6 +13,8 @@ from tiny_text import tiny_clip_config, tiny_t5_config, write_clip_l, write_t5
 
 from conftest import REPO
 
+CAT = "a photo of a cat"
+
 
 def load_pack_as(name: str):
     """importlib from the folder under an arbitrary package name, as ComfyUI's custom node loader does."""
@@ -29,9 +31,10 @@ def pack():
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory, shared_dir, pack):
+def models(tmp_path_factory, pack):
+    """A models folder without tokenizers/: the pack's bundled tokenizers serve, as for a user without ComfyUI."""
     root = tmp_path_factory.mktemp("models")
-    for sub in ("diffusion_models", "text_encoders", "vae", "tokenizers"):
+    for sub in ("diffusion_models", "text_encoders", "vae"):
         (root / sub).mkdir()
     clip, t5 = tiny_clip_config(width=64), tiny_t5_config(width=32)
     write_flux_bfl(root / "diffusion_models" / "flux1-dev.safetensors", tiny_params(vec_in_dim=64, context_in_dim=32))
@@ -40,8 +43,6 @@ def models(tmp_path_factory, shared_dir, pack):
     write_t5(root / "text_encoders" / "t5xxl_fp16.safetensors", t5)
     write_ae_bfl(root / "vae" / "ae.safetensors", tiny_ae_params())
     tiny_trainer(steps=2).train(root / "fluxkit_seq2seq" / "shapes-tiny", progress=False)
-    for name in ("clip_l", "t5_xxl"):
-        shutil.copytree(shared_dir / "tokenizers" / name, root / "tokenizers" / name)
     host = sys.modules[pack.__name__ + ".nodes.host"]
     host.configure(models_dir=root, output_dir=root.parent / "output")
     return root
@@ -111,6 +112,16 @@ def test_text_to_image_and_image_to_image_through_the_nodes(pack, models):
     assert img2img["samples"].shape == (1, 16, 6, 8)
 
 
+def test_text_encoders_load_without_comfyui_or_a_tokenizers_folder(pack, models):
+    """Headless, with neither ComfyUI's tokenizers nor models/tokenizers, the pack's own copy serves."""
+    assert "folder_paths" not in sys.modules and not (models / "tokenizers").exists()
+    (loaded,) = node(pack, "FluxKitTextEncoderLoader").load("clip_l.safetensors", "t5xxl_fp16.safetensors", "cpu")
+    clip, t5 = loaded.encoders.clip_tokenizer, loaded.encoders.t5_tokenizer
+    assert clip.name_or_path == str(REPO / "flux_core" / "tokenizers" / "clip_l")
+    assert clip(CAT)["input_ids"] == [49406, 320, 1125, 539, 320, 2368, 49407]
+    assert t5(CAT)["input_ids"] == [3, 9, 1202, 13, 3, 9, 1712, 1]
+
+
 def test_core_sd3_empty_latent_is_accepted(pack, models):
     model = node(pack, "FluxKitModelLoader").load("flux1-schnell.safetensors", "fp8_e4m3fn")[0]
     positive = [[torch.randn(1, 7, 32), {"pooled_output": torch.randn(1, 64), "guidance": 3.5}]]
@@ -157,16 +168,6 @@ def test_bad_inputs_through_the_nodes(pack, models, tmp_path):
         node(pack, "FluxKitSampler").sample(model, positive, {"samples": torch.zeros(1, 16, 4, 4)}, 0, 1, 3.5, 2.0, 1.15, 0.5, 1.0)
     with pytest.raises(ValueError, match="no absolute path"):
         node(pack, "FluxKitVAELoader").load("/etc/passwd")
-    host = sys.modules[pack.__name__ + ".nodes.host"]
-    host.configure(models_dir=tmp_path)  # a models folder without tokenizers
-    try:
-        (tmp_path / "text_encoders").mkdir()
-        for name in ("clip_l.safetensors", "t5xxl_fp16.safetensors"):
-            shutil.copy(models / "text_encoders" / name, tmp_path / "text_encoders" / name)
-        with pytest.raises(Exception, match="(?i)tokenizer"):
-            node(pack, "FluxKitTextEncoderLoader").load("clip_l.safetensors", "t5xxl_fp16.safetensors", "cpu")
-    finally:
-        host.configure(models_dir=models)
 
 
 def test_seq2seq_nodes_sample_a_point_set_image(pack, models):
@@ -179,7 +180,7 @@ def test_seq2seq_nodes_sample_a_point_set_image(pack, models):
     assert image.min() == 0 and image.max() == 1  # black points on white
 
 
-def test_generate_turns_a_prompt_into_images_without_comfyui(models, shared_dir):
+def test_generate_turns_a_prompt_into_images_without_comfyui(models):
     from flux_core.autoencoder import load_autoencoder
     from flux_core.conditioning import load_text_encoders
     from flux_core.loading import load_flux
@@ -189,7 +190,7 @@ def test_generate_turns_a_prompt_into_images_without_comfyui(models, shared_dir)
     ae = load_autoencoder(models / "vae" / "ae.safetensors")
     text = load_text_encoders(
         models / "text_encoders" / "clip_l.safetensors", models / "text_encoders" / "t5xxl_fp16.safetensors",
-        tokenizer_dirs=[shared_dir / "tokenizers"], dtype=torch.float32,
+        dtype=torch.float32,
     )  # fmt: skip
     images = generate(model, ae, text, "a cat", width=64, height=32, steps=2, seed=3, batch_size=2)
     assert images.shape == (2, 32, 64, 3) and 0 <= images.min() and images.max() <= 1

@@ -15,12 +15,14 @@ from safetensors.torch import save_file
 from torch import Tensor
 from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
+from flux_core.conditioning import BUNDLED_TOKENIZERS
+
 CLIP_PREFIX, T5_PREFIX = "text_encoders.clip_l.transformer.", "text_encoders.t5xxl.transformer."  # ComfyUI all-in-one
 FP8 = torch.float8_e4m3fn
 
 
 def tiny_clip_config(width: int = 64, layers: int = 2, ff: int = 128, heads: int | None = None) -> CLIPTextConfig:
-    """CLIP-L's text config (shared/configs/clip_l.json) at a tiny size; heads default to width / 64 as CLIP-L's."""
+    """CLIP-L's text config (tests/configs/clip_l.json) at a tiny size; heads default to width / 64 as CLIP-L's."""
     return CLIPTextConfig(
         vocab_size=49408, hidden_size=width, intermediate_size=ff, num_hidden_layers=layers,
         num_attention_heads=heads or width // 64, max_position_embeddings=77, hidden_act="quick_gelu",
@@ -31,7 +33,7 @@ def tiny_clip_config(width: int = 64, layers: int = 2, ff: int = 128, heads: int
 def tiny_t5_config(
     width=32, heads=2, layers=2, ff=64, gated: bool = True, d_kv: int = 64, act: str | None = None
 ) -> T5Config:
-    """T5 v1.1's config (shared/configs/t5_xxl.json) at a tiny size; `gated=False` gives the original ReLU T5."""
+    """T5 v1.1's config (tests/configs/t5_xxl.json) at a tiny size; `gated=False` gives the original ReLU T5."""
     return T5Config(
         vocab_size=32128, d_model=width, d_kv=d_kv, num_heads=heads, num_layers=layers, d_ff=ff,
         feed_forward_proj="gated-gelu" if gated else "relu",
@@ -162,13 +164,13 @@ def write_component(folder, weights: dict[str, Tensor], config, dtype=torch.floa
     (folder / "model.safetensors.index.json").write_text(json.dumps(index))
 
 
-def write_diffusers(root, shared_dir, clip: dict, clip_config, t5: dict, t5_config, dtype=torch.float32) -> Path:
+def write_diffusers(root, clip: dict, clip_config, t5: dict, t5_config, dtype=torch.float32) -> Path:
     """A FLUX.1 diffusers pipeline folder's text half: text_encoder/, text_encoder_2/ (2 shards), tokenizer/ and
-    tokenizer_2/ (copied from shared/tokenizers), model_index.json."""
+    tokenizer_2/ (copies of flux_core's bundled tokenizers), model_index.json."""
     root = Path(root)
     write_component(root / "text_encoder", clip, clip_config, dtype)
     write_component(root / "text_encoder_2", t5, t5_config, dtype, shards=2)
-    shutil.copytree(Path(shared_dir) / "tokenizers" / "clip_l", root / "tokenizer")
-    shutil.copytree(Path(shared_dir) / "tokenizers" / "t5_xxl", root / "tokenizer_2")
+    shutil.copytree(BUNDLED_TOKENIZERS / "clip_l", root / "tokenizer")
+    shutil.copytree(BUNDLED_TOKENIZERS / "t5_xxl", root / "tokenizer_2")
     (root / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
     return root
