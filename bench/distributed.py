@@ -1,0 +1,261 @@
+"""Benchmark: flux_core past one device with torch.distributed, N ranks against one, random weights.
+
+    torchrun --nproc-per-node 2 bench/distributed.py          # GPUs: NCCL, bf16, flux-dev shape, 1024^2 and 2048^2
+    torchrun --nproc-per-node 2 bench/distributed.py --small  # CPU: gloo, float32, tiny shapes (proves the script)
+
+Rank 0 first measures one device alone (before the process group forms), then every rank measures together:
+  train      seq2seq training steps/s of one global batch: DDP over N ranks vs one process (loss curves compared)
+  images     a 16-image job (pipeline.sample, image i from seed i) split over the ranks vs one device (latents compared)
+  sp WxH     one sampling step (a forward) of one image, sequence-parallel (Ulysses) vs one device (outputs compared),
+             with the all-to-all bytes each rank sends per step and their time (the same all_to_all_single calls alone)
+Ratios are speedups (one device's time / N devices' time). PyTorch's context_parallel (ring attention over DTensor)
+is not measured: it needs SDPA on a DeviceMesh with CUDA (no gloo), and Ulysses moves each token's q, k, v once per
+layer where the ring moves every rank's K, V N - 1 times.
+"""
+import argparse
+import datetime
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from flux_core import parallel  # noqa: E402
+from flux_core.model import Flux, FluxParams, preset  # noqa: E402
+from flux_core.pipeline import Conditioning, sample  # noqa: E402
+from flux_core.sampling import grid_ids  # noqa: E402
+from flux_core.seq2seq import Batch, Layout, Trainer, TrainConfig  # noqa: E402
+
+TINY = dict(in_channels=64, out_channels=64, vec_in_dim=32, context_in_dim=64, hidden_size=256, mlp_ratio=4.0,
+            num_heads=4, depth=1, depth_single_blocks=2, axes_dim=[8, 28, 28], theta=10_000, qkv_bias=True,
+            guidance_embed=True)  # fmt: skip
+SHAPES = {  # flux: the image model; sizes: pixels of the one-image runs; train: the seq2seq model and its data
+    "gpu": dict(flux=preset("flux-dev"), txt=512, sizes=(1024, 2048), job=(16, 1024), steps=4, repeats=5,
+                train=dict(hidden_size=2048, num_heads=16, depth=4, depth_single_blocks=8), tokens=(256, 1024),
+                width=64, batch=16, train_steps=10),
+    "small": dict(flux=FluxParams(**TINY), txt=32, sizes=(128, 256), job=(4, 128), steps=2, repeats=3,
+                  train=dict(hidden_size=128, num_heads=4, depth=1, depth_single_blocks=1, axes_dim=[8, 12, 12]),
+                  tokens=(16, 64), width=8, batch=8, train_steps=4),
+}  # fmt: skip
+TARGETS = {"train": 1.8, "images": 1.9, "sp 1024": 1 / 0.6, "sp 2048": 1 / 0.55}
+
+
+def random_flux(params: FluxParams, device: torch.device, dtype: torch.dtype) -> Flux:
+    """Seeded random weights made on the device (the same on every rank), scaled 1/sqrt(fan-in), norms 1."""
+    with torch.device("meta"):
+        model = Flux(params).to(dtype)
+    model = model.to_empty(device=device)
+    generator = torch.Generator(device).manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".scale"):
+                p.fill_(1)
+            else:
+                p.normal_(0, 0.02 if p.ndim == 1 else p.shape[-1] ** -0.5, generator=generator)
+    return model.eval()
+
+
+def timed(fn, device: torch.device, repeats: int) -> tuple[float, object]:
+    """Median seconds of fn() after one warm-up call, and its last result."""
+    result, times = fn(), []
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        result = fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), result
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+class RandomPairs:
+    """A seq2seq task of random token pairs: the data loader costs nothing next to the model."""
+
+    name = "random"
+
+    def __init__(self, cond_len: int, data_len: int, width: int):
+        self.cond_len, self.data_len, self.width = cond_len, data_len, width
+        self.layout = Layout(data_len, [0.0] * width, [1.0] * width)
+
+    def batch(self, size: int, generator: torch.Generator) -> Batch:
+        cond = torch.randn(size, self.cond_len, self.width, generator=generator)
+        return Batch(cond, torch.randn(size, self.data_len, self.width, generator=generator))
+
+    def describe(self) -> dict:
+        return dict(name=self.name, cond_len=self.cond_len, data_len=self.data_len, width=self.width)
+
+
+def bench_train(shape: dict, device: torch.device) -> tuple[float, list[float]]:
+    """Seconds per optimizer step (median after one) and the loss curve."""
+    cond_len, data_len = shape["tokens"]
+    width = shape["width"]
+    params = preset("seq2seq-points", in_channels=width, out_channels=width, vec_in_dim=0, context_in_dim=width,
+                    **shape["train"])  # fmt: skip
+    config = TrainConfig(steps=shape["train_steps"] + 1, batch_size=shape["batch"], warmup=1, lr=1e-4,
+                         bf16=device.type == "cuda")  # fmt: skip
+    trainer = Trainer(params, RandomPairs(cond_len, data_len, width), config, device=device)
+    seconds, _ = timed(trainer.train_step, device, shape["train_steps"])
+    return seconds, trainer.losses
+
+
+def prompt(shape: dict, device: torch.device, dtype: torch.dtype) -> Conditioning:
+    p, generator = shape["flux"], torch.Generator().manual_seed(1)
+    txt = torch.randn(1, shape["txt"], p.context_in_dim, generator=generator)
+    return Conditioning(txt.to(device, dtype), torch.randn(1, p.vec_in_dim, generator=generator).to(device, dtype))
+
+
+def bench_images(model: Flux, shape: dict, device: torch.device, rank: int, world: int) -> tuple[float, dict]:
+    """Seconds for the whole job (every rank's share) and the latents of this rank's images."""
+    count, size = shape["job"]
+    cond, latent = prompt(shape, device, model.compute_dtype), torch.zeros(1, 16, size // 8, size // 8)
+
+    def job():
+        return {i: sample(model, cond, latent, seed=i, steps=shape["steps"]) for i in range(rank, count, world)}
+
+    sync(device)
+    start = time.perf_counter()
+    latents = job()
+    sync(device)
+    return time.perf_counter() - start, latents
+
+
+def forward_inputs(model: Flux, shape: dict, size: int, device: torch.device) -> dict:
+    p, dtype, tokens = model.params, model.compute_dtype, (size // 16) ** 2
+    generator = torch.Generator().manual_seed(2)
+    cond = prompt(shape, device, dtype)
+    return dict(img=torch.randn(1, tokens, p.in_channels, generator=generator).to(device, dtype),
+                img_ids=grid_ids(size // 16, size // 16).to(device), txt=cond.txt,
+                txt_ids=torch.zeros(1, shape["txt"], 3, device=device), timesteps=torch.full((1,), 0.5, device=device),
+                y=cond.y, guidance=torch.full((1,), 3.5, device=device))  # fmt: skip
+
+
+def bench_step(model: Flux, shape: dict, size: int, device: torch.device, repeats: int) -> tuple[float, torch.Tensor]:
+    inputs = forward_inputs(model, shape, size, device)
+    with torch.inference_mode():
+        return timed(lambda: model(**inputs), device, repeats)
+
+
+def all_to_all_cost(model: Flux, shape: dict, size: int, device: torch.device, repeats: int) -> tuple[float, float]:
+    """(MiB each rank sends per step, seconds) of one sequence-parallel forward's all_to_all_single calls, run alone
+    on buffers of the sizes Shards.attention exchanges."""
+    p, world, rank = model.params, dist.get_world_size(), dist.get_rank()
+    sizes = parallel.Shards(dist.group.WORLD, shape["txt"], (size // 16) ** 2).sizes
+    length, total = sizes[rank], sum(sizes)
+    local = p.num_heads // world * p.head_dim  # one token's elements in one head group
+    dtype = torch.float32 if device.type == "cpu" else model.compute_dtype  # the CPU path sends float32 q, k, v
+    new = lambda n: torch.empty(n, dtype=dtype, device=device)  # noqa: E731
+    there = (new(total * 3 * local), new(length * 3 * local * world), [n * 3 * local for n in sizes], [length * 3 * local] * world)
+    back = (new(length * local * world), new(total * local), [length * local] * world, [n * local for n in sizes])
+    calls = p.depth + p.depth_single_blocks
+
+    def exchange():
+        for _ in range(calls):
+            for out, inp, out_splits, in_splits in (there, back):
+                dist.all_to_all_single(out, inp, out_splits, in_splits)
+
+    seconds, _ = timed(exchange, device, repeats)
+    sent = calls * (length * 3 * local * (world - 1) + (total - length) * local) * there[0].element_size()
+    return sent / 2**20, seconds
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30)).item()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--small", action="store_true", help="tiny shapes on the CPU with gloo")
+    parser.add_argument("--only", nargs="*", default=["train", "images", "sp"], help="train, images, sp")
+    parser.add_argument("--json", help="write the results here (rank 0)")
+    args = parser.parse_args()
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    cpu = args.small or not torch.cuda.is_available()
+    shape = SHAPES["small" if args.small else "gpu"]
+    device = torch.device("cpu" if cpu else f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
+    if cpu:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(world, 1)))
+    else:
+        torch.cuda.set_device(device)
+    dtype = torch.float32 if cpu else torch.bfloat16
+    single = {}
+    if rank == 0:  # one device alone, before the others join
+        single = measure(args.only, shape, device, dtype, rank=0, world=1)
+    dist.init_process_group("gloo" if cpu else "nccl", timeout=datetime.timedelta(hours=2))
+    together = measure(args.only, shape, device, dtype, rank, world)
+    rows = report(single, together, world) if rank == 0 else None
+    if rank == 0:
+        device_name = "CPU" if cpu else torch.cuda.get_device_name(device)
+        print(f"\n{world} ranks vs 1, {device_name}, {'float32' if cpu else 'bf16'}"
+              f"{' (--small shapes)' if args.small else ', flux-dev shape'}:")  # fmt: skip
+        for row in rows:
+            print("  " + row["line"])
+        if args.json:
+            Path(args.json).write_text(json.dumps(rows, indent=1))
+    dist.destroy_process_group()
+
+
+def measure(only: list[str], shape: dict, device: torch.device, dtype: torch.dtype, rank: int, world: int) -> dict:
+    results = {}
+    if "train" in only:
+        results["train"] = bench_train(shape, device)
+    if "images" in only or "sp" in only:
+        model = random_flux(shape["flux"], device, dtype)
+        if "images" in only:
+            seconds, latents = bench_images(model, shape, device, rank, world)
+            if world > 1:
+                everyone = [None] * world
+                dist.all_gather_object(everyone, {i: x.cpu() for i, x in latents.items()})
+                latents = {i: x for part in everyone for i, x in part.items()}
+            results["images"] = (seconds, latents)
+        for size in shape["sizes"] if "sp" in only else ():
+            if world == 1:
+                results[f"sp {size}"] = bench_step(model, shape, size, device, shape["repeats"])
+            else:
+                with parallel.sequence_parallel():
+                    seconds, out = bench_step(model, shape, size, device, shape["repeats"])
+                cost = all_to_all_cost(model, shape, size, device, shape["repeats"])
+                results[f"sp {size}"] = (seconds, out, cost)
+    return results
+
+
+def report(single: dict, together: dict, world: int) -> list[dict]:
+    rows = []
+    for name, (seconds, result, *extra) in together.items():
+        base_seconds, base = single[name][0], single[name][1]
+        if name == "train":
+            check = f"loss curve max rel diff {max(abs(a - b) / abs(b) for a, b in zip(result, base)):.1e}"
+            what = "seq2seq train step"
+        elif name == "images":
+            check = f"latents max rel diff {max(relative_error(result[i], base[i]) for i in base):.1e}"
+            what = f"{len(base)}-image job"
+        else:
+            check = f"output max rel diff {relative_error(result, base):.1e}"
+            mib, comm = extra[0]
+            check += f"; all-to-all {mib:.0f} MiB/rank/step in {comm * 1e3:.1f} ms"
+            what = f"one image {name[3:]}^2 step"
+        speedup = base_seconds / seconds
+        target = TARGETS.get(name, math.nan)
+        goal = f"target {target:.2f}x" if math.isfinite(target) else "no target"
+        line = (f"{what:<24} 1: {base_seconds * 1e3:9.1f} ms  {world}: {seconds * 1e3:9.1f} ms  speedup {speedup:5.2f}x"
+                f" ({goal})  {check}")  # fmt: skip
+        rows.append(dict(name=name, single_s=base_seconds, parallel_s=seconds, speedup=speedup, target=target,
+                         check=check, line=line))  # fmt: skip
+    return rows
+
+
+if __name__ == "__main__":
+    main()
