@@ -10,8 +10,8 @@ its own copy, so memory is real). Variants, each built on the device alone, the 
             has no K-quant quantiser; llama.cpp's search for scales is finer, so its error is a little lower).
 Weights whose rows do not split into a type's blocks stay bf16, as city96's files keep them F16.
 One step = one forward at batch 1 (1024 px: 4096 image + 512 text tokens). Per variant: weight GB on the device,
-median ms per step (eager, and with Flux.compile_blocks), peak GB during the steps (CUDA), and the relative error
-||out - out_bf16|| / ||out_bf16|| of one forward.
+median ms per step (eager, and with Flux.compile_blocks), peak GB during the steps (CUDA), and relative errors: of
+the Linear weights as stored against the float32 ones, and of one forward, ||out - out_bf16|| / ||out_bf16||.
 
     python bench/gguf.py                                      # CUDA, flux-dev, 1024 px, eager and compiled
     python bench/gguf.py --device cpu --depth 1 --width 1536 --size 256 --txt 64 --modes eager --steps 2
@@ -32,7 +32,7 @@ import gguf  # noqa: E402
 import torch  # noqa: E402
 
 from flux_core.checkpoint import load_weights  # noqa: E402
-from flux_core.gguf import Q, use_blocks  # noqa: E402
+from flux_core.gguf import Q, dequantize, use_blocks  # noqa: E402
 from flux_core.model import Flux, preset  # noqa: E402
 from flux_core.ops import Linear  # noqa: E402
 from flux_core.sampling import grid_ids  # noqa: E402
@@ -56,10 +56,8 @@ def quantize_k(w: torch.Tensor, bits: int) -> torch.Tensor:  # (rows, cols) floa
     step, offset = (d.float() * sc)[..., None], (dmin.float() * mn)[..., None]
     q = ((groups + offset) / step.clamp_min(1e-30)).round().clamp(0, 2**bits - 1).to(torch.uint8)  # (r, sb, 8, 32)
     sc, mn = sc.to(torch.uint8), mn.to(torch.uint8)
-    scales = torch.cat(
-        (sc[..., :4] | (sc[..., 4:] >> 4 << 6), mn[..., :4] | (mn[..., 4:] >> 4 << 6), (sc[..., 4:] & 15) | ((mn[..., 4:] & 15) << 4)),
-        dim=-1,
-    )  # (rows, sb, 12)
+    high = (sc[..., 4:] & 15) | ((mn[..., 4:] & 15) << 4)  # scales and mins 4-7: low 4 bits here, top 2 bits above
+    scales = torch.cat((sc[..., :4] | (sc[..., 4:] >> 4 << 6), mn[..., :4] | (mn[..., 4:] >> 4 << 6), high), dim=-1)
     nibbles = (q[..., 0::2, :] & 15) | ((q[..., 1::2, :] & 15) << 4)  # (rows, sb, 4, 32): groups 2c | 2c+1 << 4
     parts = [d.view(torch.uint8), dmin.view(torch.uint8), scales]
     if bits == 5:
@@ -104,19 +102,23 @@ def template(params, seed: int = 0) -> dict[str, torch.Tensor]:
     return out
 
 
-def build(params, weights: dict[str, torch.Tensor], kind: str, device) -> Flux:
-    """The variant's model on `device`: every block a copy of the template's, Linear weights encoded once."""
+def build(params, weights: dict[str, torch.Tensor], kind: str, device) -> tuple[Flux, float]:
+    """(the variant's model on `device`: every block a copy of the template's, Linear weights encoded once; the
+    relative error of the template's Linear weights as the variant stores them)."""
     with torch.device("meta"):
         model = Flux(params)
     linears = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, Linear)}
-    source = {k.replace("double_blocks.0.", "double_blocks.{}.").replace("single_blocks.0.", "single_blocks.{}."): k for k in weights}
-    encoded, state, qtypes = {}, {}, {}
+    source = {k.replace("blocks.0.", "blocks.{}.", 1): k for k in weights}  # a block's key with its index left open
+    encoded, state, qtypes, error, norm = {}, {}, {}, 0.0, 0.0
     for key in model.state_dict():
         index = key.split(".")[1] if key.startswith(("double_blocks.", "single_blocks.")) else None
         name = source[key.replace(f".{index}.", ".{}.", 1)] if index is not None else key
         if key in linears:
             if name not in encoded:
                 encoded[name] = encode(weights[name], kind, device)
+                stored = encoded[name][0] if encoded[name][1] is None else dequantize(*encoded[name])
+                error += (stored.float().cpu() - weights[name]).square().sum().item()
+                norm += weights[name].square().sum().item()
             value, qtype = encoded[name]
             if qtype is not None:
                 qtypes[key] = qtype
@@ -127,7 +129,7 @@ def build(params, weights: dict[str, torch.Tensor], kind: str, device) -> Flux:
     use_blocks(model, qtypes)
     fp8 = torch.float8_e4m3fn if kind == "fp8" else None
     load_weights(model, state, torch.bfloat16, f"bench {kind}", weight_dtype=fp8)
-    return model.eval().requires_grad_(False)
+    return model.eval().requires_grad_(False), (error / norm) ** 0.5
 
 
 def inputs(params, size: int, txt: int, device) -> dict:
@@ -184,7 +186,7 @@ def main():
     rows, reference = [], {}
     for kind in kinds:
         start = time.perf_counter()
-        model = build(params, weights, kind, device)
+        model, weight_error = build(params, weights, kind, device)
         weight_gb = sum(t.nbytes for t in (*model.parameters(), *model.buffers())) / GB
         built_s = time.perf_counter() - start
         for mode in modes:
@@ -192,14 +194,15 @@ def main():
             times, out, peak = measure(runner, x, args.steps, device)
             reference.setdefault(mode, out)
             error = ((out - reference[mode]).norm() / reference[mode].norm()).item()
-            row = dict(kind=kind, mode=mode, weight_gb=round(weight_gb, 3), ms_per_step=round(statistics.median(times), 1),
-                       peak_gb=None if peak is None else round(peak, 3), rel_error=error, build_s=round(built_s, 1))  # fmt: skip
+            row = dict(kind=kind, mode=mode, weight_gb=round(weight_gb, 3), weight_error=weight_error,
+                       ms_per_step=round(statistics.median(times), 1), peak_gb=None if peak is None else round(peak, 3),
+                       rel_error=error, build_s=round(built_s, 1))  # fmt: skip
             base = next(r for r in rows + [row] if r["kind"] == "bf16" and r["mode"] == mode)
             row["x_bf16"] = round(row["ms_per_step"] / base["ms_per_step"], 2)
             rows.append(row)
             peak_text = "" if peak is None else f", peak {peak:6.2f} GB"
             print(f"{kind:>5} {mode:>8}: {row['ms_per_step']:9.1f} ms/step ({row['x_bf16']:.2f}x bf16), weights "
-                  f"{weight_gb:6.2f} GB{peak_text}, rel. error {error:.4f}")  # fmt: skip
+                  f"{weight_gb:6.2f} GB{peak_text}, rel. error: weights {weight_error:.4f}, output {error:.4f}")  # fmt: skip
             del runner
         del model
         gc.collect()
@@ -207,7 +210,8 @@ def main():
             torch.cuda.empty_cache()
     path = args.json or REPO / "bench" / "results" / f"gguf_{device.type}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    meta = dict(vars(args), device=str(device), json=str(path), gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None)
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    meta = dict(vars(args), device=str(device), json=str(path), gpu=gpu)
     path.write_text(json.dumps({"config": meta, "rows": rows}, indent=1))
     print(f"wrote {path}")
 
