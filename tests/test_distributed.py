@@ -14,6 +14,7 @@ from tiny_flux import random_weights, tiny_inputs, tiny_params
 from flux_core import parallel
 from flux_core.checkpoint import load_safetensors
 from flux_core.model import Flux, preset
+from flux_core.pipeline import Conditioning, sample as image_sample
 from flux_core.seq2seq import ShapeTask, Trainer, TrainConfig
 
 WORLD = 2
@@ -56,6 +57,10 @@ def _sequence_parallel_worker(rank: int) -> None:
                     sharded = model(**inputs)
             torch.testing.assert_close(sharded, plain, rtol=1e-5, atol=1e-5)
             assert plain.abs().mean() > 0.1  # a real output, not zeros from a lost gather
+    cond = Conditioning(inputs["txt"], inputs["y"])  # the sampler, as a library user runs it on several devices
+    plain = image_sample(model, cond, torch.zeros(1, 16, 8, 6), seed=5, steps=2)
+    with parallel.sequence_parallel():
+        torch.testing.assert_close(image_sample(model, cond, torch.zeros(1, 16, 8, 6), seed=5, steps=2), plain)
     with parallel.sequence_parallel(), pytest.raises(ValueError, match="divisible"):
         _tiny_flux(num_heads=1, axes_dim=[32, 112, 112])(**tiny_inputs(model.params))  # 1 head on 2 ranks
     if rank == 0:  # the hook is gone after the context: a rank alone runs the plain forward
