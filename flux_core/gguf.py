@@ -297,7 +297,12 @@ def read_flux_gguf(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str
     path = Path(path)
     tensors, qtypes, arch = read_gguf(path)
     prefix = "model.diffusion_model." if any(k.startswith("model.diffusion_model.") for k in tensors) else ""
-    if arch not in ("flux", None) or identify(k.removeprefix(prefix) for k in tensors) != "flux":
+    kind = identify(k.removeprefix(prefix) for k in tensors)
+    if arch in ("flux", None) and kind == "flux-diffusers":
+        raise CheckpointError(f"{path.name} is a Flux GGUF with diffusers names; only BFL names (city96's files) are read")
+    if arch == "flux" and kind != "flux":
+        raise CheckpointError(f"{path.name} says it is a Flux GGUF but has no Flux transformer keys (BFL names)")
+    if arch is not None and arch != "flux" or kind != "flux":
         raise CheckpointError(f"{path.name} is a GGUF quantised file of {_what(arch, tensors)}, not a Flux transformer")
     strip = lambda d: {k[len(prefix) :]: v for k, v in d.items() if k.startswith(prefix)}  # noqa: E731
     return strip(tensors), strip(qtypes)
@@ -309,7 +314,9 @@ def read_t5_gguf(path: str | os.PathLike, dtype: torch.dtype) -> tuple[dict[str,
     Decoder and LM-head tensors of full T5 files are left out."""
     path = Path(path)
     tensors, qtypes, arch = read_gguf(path)
-    if arch not in _T5_ARCHS or "enc.blk.0.attn_q.weight" not in tensors:
+    if arch in _T5_ARCHS and "enc.blk.0.attn_q.weight" not in tensors:
+        raise CheckpointError(f"{path.name} says it is a T5 GGUF but has no encoder (enc.blk.0.attn_q.weight)")
+    if arch not in _T5_ARCHS:
         raise CheckpointError(f"{path.name} is a GGUF quantised file of {_what(arch, tensors)}, not a T5 text encoder")
     block = dict(_T5_BLOCK)
     if "enc.blk.0.ffn_gate.weight" not in tensors:  # the original T5: one ReLU input projection

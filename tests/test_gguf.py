@@ -303,6 +303,9 @@ FLUX_KEYS = ["img_in.weight", "double_blocks.0.img_attn.norm.key_norm.scale", "d
         (None, ["input_blocks.0.0.weight"], Q.F32, load_flux, r"of a Stable Diffusion UNet"),
         ("flux", FLUX_KEYS, Q.F32, load_t5, r"of a Flux transformer. Load it with the diffusion model loader"),
         ("t5encoder", ["enc.blk.0.attn_q.weight"], Q.F32, load_flux, r"of a T5 text encoder. Load it with the text enc"),
+        ("flux", ["transformer_blocks.0.attn.norm_added_k.weight"], Q.F32, load_flux, r"Flux GGUF with diffusers names"),
+        ("flux", ["img_in.weight"], Q.F32, load_flux, r"says it is a Flux GGUF but has no Flux transformer keys"),
+        ("t5", ["dec.blk.0.attn_q.weight"], Q.F32, load_t5, r"says it is a T5 GGUF but has no encoder"),
         ("flux", FLUX_KEYS, Q.IQ4_XS, load_flux, r"stores 3 tensors as IQ4_XS .*supported: F32, F16, BF16, Q8_0"),
     ],
 )
