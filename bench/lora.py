@@ -7,7 +7,9 @@ memory the patched model holds beyond the base, and step time with the LoRA vs w
 
 Ways: float weights merged (a new tensor per patched layer), float weights with a side path (merge=False), fp8
 weights with a side path (upcast per call), and on CUDA fp8 matmuls (fp8_e4m3fn_fast) with a side path. Each "with"
-is timed against its own base model, runs alternating, median after warm-up, inference_mode.
+is timed against its own base model, runs alternating, median after warm-up, inference_mode. On the CPU the time is
+the process's CPU time (time.process_time), which other processes on a shared machine barely disturb; on CUDA it is
+wall time between synchronisations.
 """
 import argparse
 import json
@@ -77,9 +79,12 @@ def extra_bytes(patched: nn.Module, base: nn.Module) -> int:
     return sum(own.values())
 
 
-def sync(device: torch.device) -> None:
+def clock(device: torch.device) -> float:
+    """Wall seconds after the GPU is done; CPU seconds of this process on the CPU."""
     if device.type == "cuda":
         torch.cuda.synchronize()
+        return time.perf_counter()
+    return time.process_time()
 
 
 def step_times(models: list[nn.Module], x: dict, device, warmup: int, repeats: int) -> list[float]:
@@ -88,12 +93,10 @@ def step_times(models: list[nn.Module], x: dict, device, warmup: int, repeats: i
     with torch.inference_mode():
         for i in range(warmup + repeats):
             for j in range(len(models)) if i % 2 else reversed(range(len(models))):
-                sync(device)
-                start = time.perf_counter()
+                start = clock(device)
                 models[j](**x)
-                sync(device)
                 if i >= warmup:
-                    times[j].append(time.perf_counter() - start)
+                    times[j].append(clock(device) - start)
     return [statistics.median(t) for t in times]
 
 
@@ -121,7 +124,7 @@ def main(argv=None) -> dict:
         enable_fp8_matmul(bases["fp8 matmul"])
     ways = [("float", True), ("float", False), ("fp8", True)] + ([("fp8 matmul", True)] if cuda else [])
     print(f"{params.depth} double + {params.depth_single_blocks} single blocks, {side * side} + {x['txt'].shape[1]} tokens, "
-          f"{str(dtype)[6:]} compute on {device}, rank-{RANK} LoRA on every Linear")  # fmt: skip
+          f"{str(dtype)[6:]} compute on {device} ({'wall' if cuda else 'CPU'} time), rank-{RANK} LoRA on every Linear")  # fmt: skip
     results = {"device": str(device), "torch": torch.__version__, "blocks": [params.depth, params.depth_single_blocks],
                "tokens": [side * side, x["txt"].shape[1]], "compute": str(dtype)[6:], "rank": RANK, "ways": {}}  # fmt: skip
     with tempfile.TemporaryDirectory() as folder:
@@ -129,11 +132,9 @@ def main(argv=None) -> dict:
         results["lora_bytes"] = write_lora(base, path)
         for storage, merge in ways:
             model = bases[storage]
-            sync(device)
-            start = time.perf_counter()
+            start = clock(device)
             patched, _, (report,) = apply_loras(model, [(read_lora(path), 1.0, 1.0)], merge=merge)
-            sync(device)
-            seconds = time.perf_counter() - start
+            seconds = clock(device) - start
             without, with_lora = step_times([model, patched], x, device, args.warmup, args.repeats)
             name = f"{storage} {'merged' if merge and storage == 'float' else 'side path'}"
             extra = extra_bytes(patched, model)

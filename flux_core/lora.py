@@ -54,6 +54,8 @@ _OTHER_MODELS = [
     (("cross_attn", "self_attn.q.", "self_attn_q."), "Wan / a video model"),
     ((".attention.qkv", "_attention_qkv"), "Lumina 2 / Z-Image"),
 ]  # fmt: skip
+_NAMINGS = [("lora_unet_", "kohya"), ("lora_te", "kohya"), ("lora_transformer_", "OneTrainer"),
+            ("lycoris_", "SimpleTuner LyCORIS"), ("text_encoder.", "diffusers/PEFT")]
 _WIDTHS = {3072: "FLUX.1 (3072 wide)", 6144: "FLUX.2 dev (6144 wide)", 1536: "SD3 medium (1536 wide)"}
 
 Target = tuple[str, slice | None, bool]  # (layer, its output rows or None for all, halves swapped)
@@ -110,9 +112,10 @@ def parse_lora(state_dict: dict[str, Tensor], name: str = "LoRA") -> Lora:
             keys[module].append(key)
         else:
             stray[key] = f"{_KNOWN_UNSUPPORTED[part]} is not supported" if part in _KNOWN_UNSUPPORTED else "not an adapter part"
+    dora = {key.rpartition(".")[0] for key in stray if key.endswith(".dora_scale")}  # applied without it: wrong
     for module, parts in list(modules.items()):
-        if _kind(parts) is None:
-            stray.update(dict.fromkeys(keys.pop(module), "incomplete adapter"))
+        if module in dora or _kind(parts) is None:
+            stray.update(dict.fromkeys(keys.pop(module), "DoRA is not supported" if module in dora else "incomplete adapter"))
             del modules[module]
     return Lora(name, dict(modules), dict(keys), stray)
 
@@ -141,15 +144,12 @@ def _kind(parts: dict[str, Tensor]) -> str | None:
 
 
 def _naming(module: str) -> str:
-    if module.startswith("lora_unet_"):
-        return "kohya"
-    if module.startswith(("lora_transformer_", "lycoris_")):
-        return "OneTrainer" if module.startswith("lora_transformer_") else "SimpleTuner LyCORIS"
+    """Which trainer's names a module has, for the report."""
+    if label := next((label for prefix, label in _NAMINGS if module.startswith(prefix)), None):
+        return label
     if ".processor." in module:
         return "XLabs"
-    if "transformer_blocks." in module or "_embedder" in module:
-        return "diffusers/PEFT"
-    return "BFL/ComfyUI"
+    return "diffusers/PEFT" if "transformer_blocks." in module or "_embedder" in module else "BFL/ComfyUI"
 
 
 def _spellings(name: str) -> list[str]:
@@ -272,10 +272,12 @@ def _change(parts: dict[str, Tensor], target: Target, strength: float, device, w
     return change
 
 
-def _patch(layer: Linear, changes: list[_Change], compute_dtype: torch.dtype, merge: bool = True) -> str:
-    """Give `layer` (a twin's, never the base model's) its changes; returns how: "merged" or "side path"."""
+def _patch(layer: Linear, adapters: list[tuple], compute_dtype: torch.dtype, merge: bool = True) -> str:
+    """Give `layer` (a twin's, never the base model's) its (parts, target, strength) adapters, computed here so that
+    one layer's changes at a time are in memory; returns how: "merged" or "side path"."""
     weight = layer.weight
     work = torch.promote_types(torch.float32, compute_dtype)
+    changes = [_change(parts, target, strength, weight.device, work) for parts, target, strength in adapters]
     if any(c.bias is not None for c in changes):
         bias = torch.zeros(layer.out_features, dtype=work, device=weight.device) if layer.bias is None else layer.bias.to(work, copy=True)
         for c in (c for c in changes if c.bias is not None):
@@ -387,24 +389,23 @@ def apply_loras(
         if text:
             _check_shapes(lora, clip, text, clip.config.hidden_size)
         report.layers, report.clip_layers = len({t[0] for _, t in flux}), len({t[0] for _, t in text})
-        plans.append((lora, report, ((model, flux, strength), (clip, text, clip_strength))))
+        plans.append((lora, report, ((flux, strength), (text, clip_strength))))
     dtypes = (model.compute_dtype, None if text_encoders is None else text_encoders.dtype)
-    changes = (defaultdict(list), defaultdict(list))
+    adapters = (defaultdict(list), defaultdict(list))  # per model: layer -> [(parts, target, strength)], in order
     for lora, _, parts in plans:
-        for plan, (root, matched, strength), dtype in zip(changes, parts, dtypes):
+        for plan, (matched, strength) in zip(adapters, parts):
             for module, target in matched if strength else ():  # strength 0: the base output exactly
-                device, work = root.get_submodule(target[0]).weight.device, torch.promote_types(torch.float32, dtype)
-                plan[target[0]].append(_change(lora.modules[module], target, strength, device, work))
+                plan[target[0]].append((lora.modules[module], target, strength))
     twin = model.twin()
-    modes = {layer: _patch(twin.get_submodule(layer), c, dtypes[0], merge) for layer, c in changes[0].items()}
-    for lora, report, ((_, flux, _), _) in plans:
+    modes = {layer: _patch(twin.get_submodule(layer), a, dtypes[0], merge) for layer, a in adapters[0].items()}
+    for lora, report, ((flux, _), _) in plans:
         report.modes = dict(Counter(modes[layer] for layer in {t[0] for _, t in flux} if layer in modes))
     twin.description = getattr(model, "description", "Flux") + "; LoRAs: " + ", ".join(f"{lo.name} ({s:g})" for lo, s, _ in loras)
-    if not changes[1]:
+    if not adapters[1]:
         return twin, text_encoders, [report for _, report, _ in plans]
     clip_twin, t5_twin = _twin(clip), _twin(text_encoders.t5)
-    for layer, c in changes[1].items():
-        _patch(clip_twin.get_submodule(layer), c, dtypes[1], merge)
+    for layer, a in adapters[1].items():
+        _patch(clip_twin.get_submodule(layer), a, dtypes[1], merge)
     encoders = TextEncoders(clip_twin, t5_twin, text_encoders.clip_tokenizer, text_encoders.t5_tokenizer)
     return twin, encoders, [report for _, report, _ in plans]
 

@@ -349,19 +349,19 @@ def test_partial_matches_are_reported_and_model_files_refused(base, flux_path, t
     state = kohya_lora(base)
     state["lora_unet_double_blocks_7_img_attn_qkv.lora_down.weight"] = torch.zeros(4, WIDTH)  # a deeper model's block
     state["lora_unet_double_blocks_7_img_attn_qkv.lora_up.weight"] = torch.zeros(3 * WIDTH, 4)
-    state["lora_unet_img_in.dora_scale"] = torch.ones(WIDTH, 1)
+    state["lora_unet_img_in.dora_scale"] = torch.ones(WIDTH, 1)  # DoRA: the whole module is skipped
     state["lora_te2_encoder_block_0_layer_0_SelfAttention_q.lora_down.weight"] = torch.zeros(4, 32)
     state["lora_te2_encoder_block_0_layer_0_SelfAttention_q.lora_up.weight"] = torch.zeros(32, 4)
     _, encoders, (report,) = apply_loras(base, [(parse_lora(state, "partial"), 1.0, 1.0)])
-    assert encoders is None and report.layers == len(linears(base))
+    assert encoders is None and report.layers == len(linears(base)) - 1
     assert report.skipped == {
         "lora_unet_double_blocks_7_img_attn_qkv.lora_down.weight": "no such layer in this model",
         "lora_unet_double_blocks_7_img_attn_qkv.lora_up.weight": "no such layer in this model",
-        "lora_unet_img_in.dora_scale": "DoRA is not supported",
+        **dict.fromkeys([f"lora_unet_img_in.{p}" for p in ("lora_down.weight", "lora_up.weight", "alpha", "dora_scale")], "DoRA is not supported"),
         "lora_te2_encoder_block_0_layer_0_SelfAttention_q.lora_down.weight": "T5 parts are not applied",
         "lora_te2_encoder_block_0_layer_0_SelfAttention_q.lora_up.weight": "T5 parts are not applied",
     }
-    assert "5 keys skipped" in str(report)
+    assert "8 keys skipped" in str(report)
     with pytest.raises(CheckpointError, match="is a Flux transformer .*, not a LoRA"):
         read_lora(flux_path)
 
