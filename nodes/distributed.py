@@ -15,13 +15,14 @@ import os
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from . import host, standins
-from .workflow import ValidationError, WorkflowError, set_inputs, validate
+from .workflow import SEED_NAMES, ValidationError, WorkflowError, set_inputs, validate
 
 POLL_SECONDS = 2.0  # rank 0's progress report
 RANK_WAIT = datetime.timedelta(hours=24)  # ranks done (or failed) wait for the slowest at the end of a sweep
@@ -62,20 +63,51 @@ def sweep_values(text: str, input_dir: Path) -> tuple[str, list[str]]:
     return target, values
 
 
-def jobs(prompt: dict, extra: dict, sweeps: list[str], defs) -> list[tuple[dict, dict, str]]:
-    """(prompt, extra PNG info, label) per job: every combination of the sweeps, the last one varying fastest."""
+@dataclass
+class Job:
+    prompt: dict  # what runs
+    extra: dict  # extra PNG info (the editor workflow)
+    label: str  # what sets it apart, for messages
+    shown: dict | None = None  # the prompt its PNGs carry when not `prompt`: a batch item carries its batch's
+
+
+def jobs(prompt: dict, extra: dict, sweeps: list[str], defs, batch_split: bool = False) -> list[Job]:
+    """One job per combination of the sweeps (the last varying fastest); with batch_split, one per batch item."""
     axes = [sweep_values(text, host.input_dir()) for text in sweeps]
     out = []
     for combination in itertools.product(*(values for _, values in axes)):
         assignments = [f"{target}={value}" for (target, _), value in zip(axes, combination)]
-        job_prompt, job_extra = copy.deepcopy(prompt), copy.deepcopy(extra)
-        set_inputs(job_prompt, assignments, defs, job_extra.get("workflow"))
+        job = Job(copy.deepcopy(prompt), copy.deepcopy(extra), " ".join(assignments))
+        set_inputs(job.prompt, assignments, defs, job.extra.get("workflow"))
         if assignments:  # every job checked before the first runs
-            error, node_errors = validate(copy.deepcopy(job_prompt), defs)
+            error, node_errors = validate(copy.deepcopy(job.prompt), defs)
             if error or node_errors:
-                raise ValidationError(error, node_errors, f"the job with {' '.join(assignments)} is not valid")
-        out.append((job_prompt, job_extra, " ".join(assignments)))
+                raise ValidationError(error, node_errors, f"the job with {job.label} is not valid")
+        out += batch_items(job) if batch_split else [job]
     return out
+
+
+def batch_items(job: Job) -> list[Job]:
+    """--batch-split: a job's batch of B as B one-image jobs, item i with every seed + i. FluxKit's sampler draws
+    batch item i from seed + i, so these are the batch's images (up to the float rounding of batched GEMMs), and
+    their PNGs carry the batch's prompt, as one process running the batch writes them."""
+    sizes = {i: n["inputs"]["batch_size"] for i, n in job.prompt.items() if type(n["inputs"].get("batch_size")) is int}
+    if len(sizes) != 1:
+        found = f"nodes {', '.join(sizes)} have" if sizes else "no node has"
+        raise WorkflowError(f"--batch-split splits one batch_size: {found} a batch_size value; use --sweep instead")
+    (latent, batch), seeds = next(iter(sizes.items())), []
+    for node_id, node in job.prompt.items():
+        seeds += [(node_id, name) for name in SEED_NAMES if type(node["inputs"].get(name)) is int]
+    if not seeds:
+        raise WorkflowError("--batch-split: no node has a seed value to give each image its own (item i: seed + i)")
+    items = []
+    for i in range(batch):
+        item = copy.deepcopy(job.prompt)
+        item[latent]["inputs"]["batch_size"] = 1
+        for node_id, name in seeds:
+            item[node_id]["inputs"][name] = (job.prompt[node_id]["inputs"][name] + i) % 2**64
+        items.append(Job(item, job.extra, f"{job.label} image {i + 1}/{batch}".lstrip(), job.shown or job.prompt))
+    return items
 
 
 def launched() -> bool:
@@ -169,7 +201,7 @@ class _Progress:
 
 
 def run_distributed(jobs_: list, run_job, sequence_parallel: bool) -> list[Path]:
-    """Runs jobs_ [(prompt, extra, label)] over the process group with run_job(prompt, extra) -> saved paths.
+    """Runs jobs_ over the process group with run_job(job) -> saved paths.
     Returns (on every rank) the saved paths of all jobs in job order; raises WorkflowError after every rank is done
     when a job failed (the files of the jobs that finished stay)."""
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -181,14 +213,13 @@ def run_distributed(jobs_: list, run_job, sequence_parallel: bool) -> list[Path]
     saved, error = {}, None
     try:
         for job in mine:
-            prompt, extra, label = jobs_[job]
             held = _Held()
             writes = numbering is None and rank == 0  # sequence parallel: rank 0 saves, the others drop theirs
             standins.hold = None if writes else held
             try:
-                paths = run_job(prompt, extra)
+                paths = run_job(jobs_[job])
             except (WorkflowError, OSError) as e:
-                error = f"job {job + 1}/{len(jobs_)} ({label or 'the workflow'}) failed on rank {rank}: {e}"
+                error = f"job {job + 1}/{len(jobs_)} ({jobs_[job].label or 'the workflow'}) failed on rank {rank}: {e}"
                 store.add(_KEY + "failed", 1)
                 break
             finally:

@@ -84,10 +84,13 @@ def _call(defn, instance, node_id: str, kwargs: dict):
     return outputs, ui
 
 
-def run_prompt(prompt: dict, defs: NodeDefs, extra_pnginfo: dict | None = None, progress: bool = True) -> RunResult:
+def run_prompt(
+    prompt: dict, defs: NodeDefs, extra_pnginfo: dict | None = None, progress: bool = True, shown: dict | None = None
+) -> RunResult:
     """Validates the whole API-format prompt, then runs the nodes its output nodes need, each once, in order.
-    Nodes asking for the hidden PROMPT get `prompt` as given; they run on a validated (normalised) copy."""
-    run = RunResult(prompt, extra_pnginfo if extra_pnginfo is not None else {}, {}, {})
+    Nodes asking for the hidden PROMPT get `shown`, default `prompt` as given; they run on a validated (normalised)
+    copy."""
+    run = RunResult(shown or prompt, extra_pnginfo if extra_pnginfo is not None else {}, {}, {})
     prompt = copy.deepcopy(prompt)
     error, node_errors = validate(prompt, defs)
     if error or node_errors:
@@ -174,6 +177,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--sweep", action="append", default=[], metavar="NODE.INPUT=VALUES",
                      help="run once per value (a,b,c | 1..8 | JSON list | @file of lines | @folder of input images); "
                      "repeatable: every combination. Under torchrun the ranks share the runs")  # fmt: skip
+    run.add_argument("--batch-split", action="store_true",
+                     help="run a batch as one job per image (item i: seed + i, the batch's own noise), the PNGs as the "
+                     "batch's; under torchrun the ranks share the images")  # fmt: skip
     run.add_argument("--sequence-parallel", action="store_true",
                      help="under torchrun: every rank works on each image (its tokens split across the GPUs)")  # fmt: skip
     return parser
@@ -218,16 +224,21 @@ def main(argv=None, classes: dict | None = None, display_names: dict | None = No
         if args.sequence_parallel and not ranks:
             raise WorkflowError("--sequence-parallel splits each image across torchrun's processes: start the "
                                 "runner with torchrun --nproc-per-node N (and without --server)")  # fmt: skip
-        jobs = distributed.jobs(prompt, extra, args.sweep, defs)
+        if args.batch_split and args.server:
+            raise WorkflowError("--batch-split runs here, not on a server: drop --server, or --batch-split")
+        jobs = distributed.jobs(prompt, extra, args.sweep, defs, args.batch_split)
+
+        def run_job(job: distributed.Job, progress: bool = True) -> list:
+            return saved_files(run_prompt(job.prompt, defs, job.extra, progress, job.shown))
+
         if args.server:
-            paths = [p for job, more, _ in jobs for p in server.run(job, more, host.output_dir(), args.timeout)]
+            paths = [p for job in jobs for p in server.run(job.prompt, job.extra, host.output_dir(), args.timeout)]
         elif ranks:
-            run_job = lambda job, more: saved_files(run_prompt(job, defs, more, progress=False))  # noqa: E731
             with parallel.sequence_parallel() if args.sequence_parallel else contextlib.nullcontext():
-                paths = distributed.run_distributed(jobs, run_job, args.sequence_parallel)
+                paths = distributed.run_distributed(jobs, lambda job: run_job(job, False), args.sequence_parallel)
             paths = paths if dist.get_rank() == 0 else []  # rank 0 lists every rank's files
         else:
-            paths = [p for job, more, _ in jobs for p in saved_files(run_prompt(job, defs, more))]
+            paths = [p for job in jobs for p in run_job(job)]
     except (WorkflowError, OSError) as e:
         if ranks and dist.is_initialized() and dist.get_rank() > 0:
             return 1  # rank 0 says it (every rank knows every rank's errors)

@@ -8,7 +8,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from PIL import Image
 from test_runner import grey, runnable_ui
-from test_workflow import FAKE_NODES, Sampler, api_prompt, defs, load
+from test_workflow import FAKE_NODES, Decode, Sampler, api_prompt, defs, load
 from tiny_flux import random_weights, tiny_inputs, tiny_params
 
 from flux_core import parallel
@@ -86,6 +86,21 @@ class SeedSensitiveSampler(Sampler):
         return super().sample(**kwargs)
 
 
+class ItemSampler(Sampler):
+    def sample(self, **kwargs):  # batch item i from seed + i, as FluxKit's sampler
+        batch = kwargs["latent"]["samples"].shape[0]
+        return ({**super().sample(**kwargs)[0], "grey": [(kwargs["seed"] + i) % 256 for i in range(batch)]},)
+
+
+class ItemDecode(Decode):
+    def decode(self, samples):
+        b, _, h, w = samples["samples"].shape
+        return (torch.tensor(samples["grey"]).div(255).view(b, 1, 1, 1).expand(b, h * 8, w * 8, 3).contiguous(),)
+
+
+ITEM_NODES = {**FAKE_NODES, "Sampler": ItemSampler, "Decode": ItemDecode}
+
+
 def _run(tmp_path, out: str, *args, classes=FAKE_NODES) -> int:
     path = tmp_path / "workflow.json"
     path.write_text(json.dumps(runnable_ui()))
@@ -97,6 +112,7 @@ def _runner_worker(rank: int, tmp_path) -> None:
     failing = {**FAKE_NODES, "Sampler": SeedSensitiveSampler}
     assert _run(tmp_path, "failed", "--sweep", "7.seed=1..5", classes=failing) == 1
     assert _run(tmp_path, "parallel", "--sequence-parallel", "--sweep", "7.seed=4,5") == 0
+    assert _run(tmp_path, "split", "--set", "6.batch_size=3", "--batch-split", classes=ITEM_NODES) == 0
 
 
 def _files(folder) -> dict:
@@ -118,6 +134,9 @@ def test_distributed_runner_writes_what_one_process_writes(tmp_path, capsys):
     assert list(_files(tmp_path / "failed" / "flux")) == ["test_00002_.png", "test_00003_.png", "test_00004_.png", "test_00006_.png"]
     assert [grey(tmp_path / "failed" / "flux" / f"test_0000{n}_.png") for n in (3, 4, 6)] == [1, 2, 4]
     assert list(_files(tmp_path / "parallel" / "flux")) == ["test_00002_.png", "test_00003_.png", "test_00004_.png"]
+    assert _run(tmp_path, "batch", "--set", "6.batch_size=3", classes=ITEM_NODES) == 0  # one process, one batch
+    assert _files(tmp_path / "split" / "flux") == _files(tmp_path / "batch" / "flux")  # names, pixels, metadata
+    assert [grey(tmp_path / "split" / "flux" / f"test_0000{n}_.png") for n in (1, 2, 3)] == [42, 43, 44]
 
 
 def test_sweep_values_and_refusals(tmp_path):
@@ -138,6 +157,9 @@ def test_sweep_values_and_refusals(tmp_path):
     with pytest.raises(WorkflowError, match=r"7\.steps=0 is not valid"):
         distributed.jobs(api_prompt(), {}, ["7.steps=1,0"], defs())
     assert _run(tmp_path, "out", "--sequence-parallel") == 1  # one process: nothing to split over
+    no_batch = {k: v for k, v in api_prompt().items() if k != "6"}
+    with pytest.raises(WorkflowError, match="no node has a batch_size"):
+        distributed.batch_items(distributed.Job(no_batch, {}, ""))
 
 
 # ---------------------------------------------------------------------------------------------- seq2seq DDP training
