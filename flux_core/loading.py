@@ -29,6 +29,7 @@ from .gguf import dequantize, is_gguf, logical_shapes, read_flux_gguf, type_labe
 from .model import PRESETS, Flux, FluxParams
 from .model import preset as named_preset
 from .ops import FP8_DTYPES, Linear, enable_fp8_matmul
+from .streaming import transformer_on
 
 log = logging.getLogger(__name__)
 
@@ -273,6 +274,8 @@ def load_flux(
     preset: str | None = None,
     device: torch.device | str = "cpu",
     fp8_matmul: bool = False,
+    stream: bool = False,
+    budget_bytes: int | None = None,
 ) -> Flux:
     """A Flux transformer from a file or diffusers folder, computing in `dtype`.
 
@@ -284,6 +287,9 @@ def load_flux(
     fp8_e4m3fn_fast); elsewhere and in other dtypes they compute as without it. Built on the meta device and
     assigned the memory-mapped tensors: no random init, and no copy where the file already has the wanted dtype.
     The description of what was found is logged and kept as `model.description`.
+    stream: the weights stay on the CPU (memory-mapped) and the model is placed on a CUDA `device` within
+    `budget_bytes` (default: the free memory), the blocks that do not fit streamed each step (flux_core.streaming;
+    placed for 1024 px and 512 text tokens, re-placed by generate() and the sampler node for their sizes).
     """
     if dtype in FP8_DTYPES or not dtype.is_floating_point:
         raise ValueError(f"dtype is the compute dtype (float32, bfloat16, float16), got {dtype}; for fp8 storage pass weight_dtype")
@@ -341,4 +347,7 @@ def load_flux(
 
     model.description = f"{path.name}: Flux transformer, {layout} layout, {storage}; {describe(params)}"
     log.info(model.description)
+    if stream:
+        transformer_on(model.eval(), device, 1, 4096, 512, budget_bytes)
+        return model
     return model.eval().to(device)

@@ -473,7 +473,8 @@ def _on_cpu(module: nn.Module) -> bool:
     return next(module.parameters()).device.type == "cpu"
 
 
-def _weight_bytes(*modules: nn.Module) -> int:
+def weight_bytes(*modules: nn.Module) -> int:
+    """Bytes of every distinct parameter and buffer of `modules`."""
     return sum(t.nbytes for m in modules for _, _, t in _tensors(m))
 
 
@@ -486,7 +487,7 @@ def encoders_on(text_encoders, device: torch.device | str, tokens: int = 512):
     if device.type != "cuda" or not _on_cpu(text_encoders.t5):
         yield text_encoders
         return
-    need = _weight_bytes(text_encoders.clip, text_encoders.t5)
+    need = weight_bytes(text_encoders.clip, text_encoders.t5)
     activations = activation_bytes(tokens, text_encoders.t5.config.d_model, text_encoders.dtype)
     if make_room(device, need + activations):
         with text_encoders.on(device):
@@ -512,7 +513,7 @@ def transformer_on(model: nn.Module, device: torch.device | str, batch: int, img
         return None
     activations = flux_activation_bytes(model, batch, img_tokens, txt_tokens)
     if budget_bytes is None:
-        make_room(device, _weight_bytes(model) + activations)  # others' weights go first, ours stream if short
+        make_room(device, weight_bytes(model) + activations)  # others' weights go first, ours stream if short
     weights = [t for b in model.blocks() for _, _, t in _tensors(b)]
     per_param = sum(t.nbytes for t in weights) / sum(t.numel() for t in weights)  # 2 in bf16, about 1 in fp8
     # compute grows with the tokens, copies with the bytes: LINK_RATIO was measured at 4608 tokens in bf16
@@ -529,16 +530,15 @@ def decode_on(ae, latent: Tensor, device: torch.device | str, scaled: bool = Tru
     on_cpu = _on_cpu(ae)
     pixels = latent.shape[0] * latent.shape[-2] * latent.shape[-1] * ae.params.downscale**2
     # the decoder's last level holds a few (pixels x 128 channels) tensors at once
-    make_room(device, (_weight_bytes(ae) if on_cpu else 0) + pixels * 128 * ae.dtype.itemsize * 6)
+    make_room(device, (weight_bytes(ae) if on_cpu else 0) + pixels * 128 * ae.dtype.itemsize * 6)
     if on_cpu:
         place(ae, device, [], budget_bytes=_WHOLE)
     try:
-        raw = latent.to(device, ae.dtype)
         try:
-            return ae.decode(raw, scaled=scaled)
+            return ae.decode(latent.to(ae.device, ae.dtype), scaled=scaled)
         except torch.OutOfMemoryError:
             torch.cuda.empty_cache()
-            return ae.decode_tiled(raw.cpu(), scaled=scaled)  # tiles run on the AE's device, assembled on the CPU
+            return ae.decode_tiled(latent.cpu(), scaled=scaled)  # tiles run on the AE's device, assembled on the CPU
     finally:
         if on_cpu:
             unload(ae)

@@ -1,10 +1,14 @@
 """Shared node plumbing: categories, custom type names, weight dtypes, and the loaded-model cache."""
 import os
 from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import flux_core.model
+import flux_core.streaming as streaming
 import torch
+from torch import nn
 
 from . import host
 
@@ -51,12 +55,38 @@ class ModelCache:
         value = load()
         self.entries[key] = value
         while len(self.entries) > self.size:
-            self.entries.popitem(last=False)
+            _, evicted = self.entries.popitem(last=False)
+            if isinstance(evicted, nn.Module):
+                streaming.unload(evicted)  # its GPU memory goes now, not when ComfyUI's caches let go of it
             host.free_memory()
         return value
 
 
 LOADED = ModelCache()
+
+
+def place_transformer(model, batch: int, img_tokens: int, txt_tokens: int) -> None:
+    """Our Flux (kept on the CPU by the loader) onto the GPU for sampling: ComfyUI first unloads what it holds if we
+    need the room, then the blocks that still do not fit stream (flux_core.streaming); ComfyUI's Unload Models and
+    its own loads can take the weights off again. `model.vram_budget` (the loader's) caps the GPU bytes."""
+    device = host.torch_device()
+    if device.type != "cuda" or not isinstance(model, flux_core.model.Flux):
+        return  # core's transformers are placed by ComfyUI
+    budget = getattr(model, "vram_budget", None)
+    need = streaming.weight_bytes(model) + streaming.flux_activation_bytes(model, batch, img_tokens, txt_tokens)
+    host.free_memory(need if budget is None else budget, keep=(streaming.placement_of(model),))
+    placement = streaming.transformer_on(model, device, batch, img_tokens, txt_tokens, budget)
+    if placement is not None:
+        host.share_with_comfyui(placement, lambda p: p.resident_bytes, streaming.unload_placement)
+
+
+@contextmanager
+def encoders_on(encoders, device: torch.device, tokens: int):
+    """Text encoders on `device` while encoding (ComfyUI frees the room first; T5 streams when it does not fit)."""
+    if device.type == "cuda":
+        host.free_memory(streaming.weight_bytes(encoders.clip, encoders.t5))
+    with streaming.encoders_on(encoders, device, tokens):
+        yield encoders
 
 
 

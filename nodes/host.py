@@ -228,12 +228,13 @@ class ComfyEntry:
     ComfyUI's "Unload Models", POST /free and its own loads release it, through `release()`."""
 
     def __init__(self, owner, device: torch.device, loaded_bytes, release):
-        self.device, self.currently_used, self.real_model = device, True, weakref.ref(owner)
+        self.device, self.currently_used, self.real_model = device, True, weakref.ref(owner)  # ComfyUI's names
         self.loaded_bytes, self.release = loaded_bytes, release
         self.model = self  # ComfyUI logs entry.model.model's class name and compares entries by .model
 
     def model_memory(self) -> int:
-        return self.loaded_bytes()
+        owner = self.real_model()
+        return 0 if owner is None else self.loaded_bytes(owner)
 
     model_loaded_memory = model_memory
 
@@ -247,7 +248,8 @@ class ComfyEntry:
         return 0
 
     def model_unload(self, memory_to_free=None, unpatch_weights=True) -> bool:
-        self.release()
+        if (owner := self.real_model()) is not None:
+            self.release(owner)
         return True  # ComfyUI drops the entry; the next placement lists the model again
 
     def is_dead(self) -> bool:
@@ -255,8 +257,8 @@ class ComfyEntry:
 
 
 def share_with_comfyui(owner, loaded_bytes, release) -> None:
-    """List `owner` (placed on the GPU; loaded_bytes() its GPU bytes now, release() takes them off) among ComfyUI's
-    loaded models, once. No-op outside ComfyUI."""
+    """List `owner` (placed on the GPU: loaded_bytes(owner) its GPU bytes now, release(owner) takes them off) among
+    ComfyUI's loaded models, once; held weakly. No-op outside ComfyUI."""
     mm = _comfy("comfy.model_management")
     if mm is not None and not any(isinstance(e, ComfyEntry) and e.real_model() is owner for e in mm.current_loaded_models):
         mm.current_loaded_models.insert(0, ComfyEntry(owner, mm.get_torch_device(), loaded_bytes, release))

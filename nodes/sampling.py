@@ -4,7 +4,7 @@ import torch
 from ..flux_core.pipeline import Conditioning, latent_from_raw, latent_to_raw, sample, seeded_noise
 from ..flux_core.sampling import COMFY_GRID, MAX_BATCH, MAX_RESOLUTION, FlowMatch, check_image_size, check_latent, unpack
 from . import bridge, host
-from .common import CATEGORY, MODEL, TEXT_ENCODERS
+from .common import CATEGORY, MODEL, TEXT_ENCODERS, encoders_on, place_transformer
 from .tools import image_conditioning
 
 
@@ -44,7 +44,7 @@ class FluxKitTextEncode:
             length = max(256, len(encoders.t5_tokenizer(t5xxl)["input_ids"]))
         else:
             length = int(t5_tokens)
-        with encoders.on(text_encoders.device):  # back to the offload device afterwards
+        with encoders_on(encoders, text_encoders.device, length):  # on the GPU only while encoding
             txt, pooled = encoders.encode([clip_l], [t5xxl], t5_max_length=length)
         host.free_memory()
         txt, pooled = txt.float().cpu(), pooled.float().cpu()
@@ -155,6 +155,8 @@ class FluxKitSampler:
         flow = FlowMatch(shift=distilled, base_shift=base_shift, max_shift=max_shift, grid=COMFY_GRID[distilled] if match == "comfyui" else 0)
         noise = seeded_noise(tuple(raw.shape), seed, per_item=False) if match == "comfyui" else None
         height, width = raw.shape[-2:]
+        copies, text_tokens = 2 if cfg > 1 else 1, max(c.txt.shape[1] for c in positive_)
+        place_transformer(model, raw.shape[0] * copies, (height // 2) * (width // 2), text_tokens)  # streams if short
         host.check_interrupt()
         out = sample(
             model, positive_, latent_from_raw(raw), seed=seed, steps=steps, guidance=guidance, cfg=cfg,

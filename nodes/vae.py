@@ -2,6 +2,7 @@
 import torch
 
 from ..flux_core.pipeline import from_unit_images, to_unit_images
+from ..flux_core.streaming import decode_on
 from . import bridge
 from .common import CATEGORY, VAE
 
@@ -33,7 +34,7 @@ class FluxKitVAEDecode:
         if tiled:
             decoded = vae.decode_tiled(raw, tile_size=tile_size, overlap=overlap, scaled=False)
         else:
-            decoded = vae.decode(raw, scaled=False)
+            decoded = decode_on(vae, raw, raw.device, scaled=False)  # makes room; out of memory, it tiles
         return (to_unit_images(decoded).cpu(),)
 
 

@@ -1,8 +1,13 @@
 """Weight streaming (flux_core.streaming) on the CPU: the same logic as CUDA streaming with plain copies into the
 device slots (`device="cpu"`), so the plan, the prefetch ring, the swaps and the training path are checked here;
 tests/test_cuda.py runs the CUDA streams and pinned memory on a GPU."""
+import gc
+import sys
+import types
+
 import pytest
 import torch
+from torch import nn
 from tiny_flux import tiny_inputs, tiny_params, write_flux_bfl
 
 from flux_core import streaming
@@ -148,3 +153,85 @@ def test_a_model_loaded_inside_inference_mode_streams_on_its_memory(tmp_path):
         assert not model.img_in.weight.is_inference() and model.img_in.weight.data_ptr() == pointer  # no copy
         assert torch.equal(model(**x), expected)
     unload(model)
+
+
+class FakeModelManagement(types.ModuleType):
+    """comfy.model_management as our code uses it: a list of loaded models that free_memory and unload_all_models
+    unload (ComfyUI 0.8.0's logic, reduced: each entry asked to unload unless kept)."""
+
+    def __init__(self):
+        super().__init__("comfy.model_management")
+        self.current_loaded_models, self.freed = [], []
+
+    def get_torch_device(self):
+        return CPU
+
+    def soft_empty_cache(self):
+        pass
+
+    def free_memory(self, memory_required, device, keep_loaded=()):
+        self.freed.append(memory_required)
+        for entry in [e for e in self.current_loaded_models if e.device == device and e not in keep_loaded]:
+            if entry.model_unload(memory_required):
+                self.current_loaded_models.remove(entry)
+
+    def unload_all_models(self):
+        self.free_memory(1e30, self.get_torch_device())
+
+
+@pytest.fixture
+def comfy(monkeypatch):
+    import nodes.host  # noqa: F401 (imported outside "ComfyUI": its import-time registrations need the real one)
+
+    mm = FakeModelManagement()
+    monkeypatch.setitem(sys.modules, "folder_paths", types.ModuleType("folder_paths"))  # "inside ComfyUI"
+    monkeypatch.setitem(sys.modules, "comfy.model_management", mm)
+    return mm
+
+
+def test_comfyui_unload_models_releases_our_placed_model(comfy):
+    from nodes import host
+
+    model = tiny_model()
+    placement = place(model, CPU, model.blocks(), budget_bytes=block_budget(model, 3))
+    for _ in range(2):  # listed once
+        host.share_with_comfyui(placement, lambda p: p.resident_bytes, streaming.unload_placement)
+    (entry,) = comfy.current_loaded_models
+    assert entry.model_memory() == placement.resident_bytes > 0 and entry.model.model is entry
+    host.free_memory(10**9, keep=(placement,))  # room for us: ours is kept
+    assert comfy.freed == [10**9] and placement.slots
+    comfy.unload_all_models()  # "Unload Models" / POST /free
+    assert not comfy.current_loaded_models and not placement.slots and not placement.resident
+    assert all(t.data_ptr() == h.data_ptr() for b in placement.blocks for t, h in zip(b.tensors, b.home))
+    del model, placement
+    gc.collect()  # a placement and its model's parameters refer to each other
+    assert entry.real_model() is None and entry.model_memory() == 0  # held weakly
+
+
+def test_evicting_a_cached_model_unloads_its_placement():
+    from nodes.common import ModelCache
+
+    cache, first = ModelCache(size=1), tiny_model()
+    placement = place(first, CPU, first.blocks(), budget_bytes=block_budget(first, 3))
+    cache.get("first", lambda: first)
+    cache.get("second", lambda: tiny_model(1))
+    assert "first" not in cache.entries and not placement.resident and not placement.slots
+
+
+def test_decode_that_runs_out_of_memory_is_redone_in_tiles(monkeypatch):
+    class OutOfMemoryAE(nn.Module):
+        params, dtype = types.SimpleNamespace(downscale=8), torch.float32
+
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.empty(1, device="meta"))  # "on the GPU" already
+            self.device = self.weight.device
+
+        def decode(self, latent, scaled):
+            raise torch.OutOfMemoryError("CUDA out of memory")
+
+        def decode_tiled(self, latent, scaled):
+            return ("tiled", latent.device.type, scaled)
+
+    monkeypatch.setattr(streaming, "make_room", lambda device, nbytes: True)
+    assert streaming.decode_on(OutOfMemoryAE(), torch.zeros(1, 16, 8, 8), "cuda", scaled=False) == ("tiled", "cpu", False)
