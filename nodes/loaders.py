@@ -1,8 +1,10 @@
 """Loader nodes: transformer, text encoders (CLIP-L + T5), VAE. Glue over flux_core's loaders."""
-from ..flux_core.autoencoder import load_autoencoder
-from ..flux_core.conditioning import find_tokenizer, load_text_encoders
-from ..flux_core.loading import load_flux
-from ..flux_core.model import PRESETS
+from flux_core.autoencoder import load_autoencoder
+from flux_core.conditioning import find_tokenizer, load_text_encoders
+from flux_core.gguf import FLUX_DEV_WEIGHTS, T5_XXL_WEIGHTS, quant_guide
+from flux_core.loading import load_flux
+from flux_core.model import PRESETS
+
 from . import bridge, host
 from .common import (
     CATEGORY, LOADED, MODEL, TEXT_ENCODERS, VAE, WEIGHT_DTYPES, TextEncodersOn, compute_dtype, file_fingerprint,
@@ -33,7 +35,7 @@ class FluxKitModelLoader:
                 "unet_name": (host.model_list("diffusion_models"), {
                     "tooltip": "The transformer weights file or diffusers folder. GGUF files stay quantised in memory "
                     "and are dequantised layer by layer while computing: "
-                    + flux_core.gguf.quant_guide(flux_core.gguf.FLUX_DEV_WEIGHTS) + ", for flux-dev.",
+                    + quant_guide(FLUX_DEV_WEIGHTS) + ", for flux-dev.",
                 }),
                 "weight_dtype": (list(WEIGHT_DTYPES), {
                     "default": "default",
@@ -74,7 +76,7 @@ class FluxKitModelLoader:
         device = host.torch_device()
         storage = WEIGHT_DTYPES[weight_dtype]
         key = ("flux", file_fingerprint(path), weight_dtype, preset, str(device))
-        model = LOADED.get(key, lambda: flux_core.loading.load_flux(
+        model = LOADED.get(key, lambda: load_flux(
             path, dtype=compute_dtype(device, storage), weight_dtype=storage,
             preset=None if preset == "auto" else preset, fp8_matmul=weight_dtype == "fp8_e4m3fn_fast",
             device="cpu" if device.type == "cuda" else device,  # memory-mapped; the sampler places it on the GPU
@@ -87,7 +89,7 @@ class FluxKitTextEncoderLoader:
     DESCRIPTION = (
         "Loads CLIP-L and T5-XXL from models/text_encoders (or clip): clip_l.safetensors, t5xxl_fp16 / fp8 / GGUF "
         "files or "
-        "diffusers text_encoder folders. The tokenizers come with ComfyUI."
+        "diffusers text_encoder folders. The tokenizers are ComfyUI's, else the copy shipped with the pack."
     )
     CATEGORY = f"{CATEGORY}/loaders"
     RETURN_TYPES = (TEXT_ENCODERS,)
@@ -104,7 +106,7 @@ class FluxKitTextEncoderLoader:
                 "clip_name2": (names, {
                     "tooltip": "T5-XXL, e.g. t5xxl_fp16.safetensors, t5xxl_fp8_e4m3fn.safetensors or a GGUF "
                     "(t5-v1_1-xxl-encoder-Q8_0.gguf), kept quantised: "
-                    + flux_core.gguf.quant_guide(flux_core.gguf.T5_XXL_WEIGHTS) + ".",
+                    + quant_guide(T5_XXL_WEIGHTS) + ".",
                 }),
                 "device": (["default", "cpu"], {
                     "default": "default",

@@ -1,8 +1,9 @@
 """Prompt encoding, empty latent and the sampler node. Glue over flux_core.pipeline."""
 import torch
 
-from ..flux_core.pipeline import Conditioning, latent_from_raw, latent_to_raw, sample, seeded_noise
-from ..flux_core.sampling import COMFY_GRID, MAX_BATCH, MAX_RESOLUTION, FlowMatch, check_image_size, check_latent, unpack
+from flux_core.pipeline import Conditioning, latent_from_raw, latent_to_raw, sample, seeded_noise
+from flux_core.sampling import COMFY_GRID, MAX_BATCH, MAX_RESOLUTION, FlowMatch, check_image_size, check_latent, unpack
+
 from . import bridge, host
 from .common import CATEGORY, MODEL, TEXT_ENCODERS, encoders_on, place_transformer
 from .tools import image_conditioning

@@ -1,8 +1,9 @@
 """Seq2seq flow-matching nodes: load a trained run, describe a demo shape, sample its point set. Glue over
 flux_core.seq2seq; runs live in models/fluxkit_seq2seq/<run>/ as `python -m flux_core.seq2seq` writes them."""
 
-from ..flux_core.seq2seq import load_run, sample
-from ..flux_core.seq2seq.demo import SHAPES, render, shape_condition
+from flux_core.seq2seq import load_run, sample
+from flux_core.seq2seq.demo import SHAPES, render, shape_condition
+
 from . import host
 from .common import CATEGORY, LOADED, file_fingerprint
 

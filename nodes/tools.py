@@ -7,12 +7,13 @@ from the positive conditioning (image_conditioning below).
 """
 import torch
 
-from ..flux_core.canny import canny
-from ..flux_core.pipeline import latent_from_raw
-from ..flux_core.redux import Redux, append_tokens, load_redux_projector, load_siglip
-from ..flux_core.tools import (
+from flux_core.canny import canny
+from flux_core.pipeline import latent_from_raw
+from flux_core.redux import Redux, append_tokens, load_redux_projector, load_siglip
+from flux_core.tools import (
     ImageCond, combine, control_cond, fill_cond, kontext_cond, kontext_size, masked_image, outpaint_pad, resize_images,
 )  # fmt: skip
+
 from . import host
 from .common import CATEGORY, LOADED, VAE, compute_dtype, file_fingerprint
 from .vae import FluxKitVAEEncode

@@ -1,8 +1,9 @@
 """VAE decode and encode nodes. Glue over flux_core.autoencoder; LATENT holds raw AE latents, as ComfyUI's."""
 import torch
 
-from ..flux_core.pipeline import from_unit_images, to_unit_images
-from ..flux_core.streaming import decode_on
+from flux_core.pipeline import from_unit_images, to_unit_images
+from flux_core.streaming import decode_on
+
 from . import bridge
 from .common import CATEGORY, VAE
 
