@@ -46,6 +46,7 @@ CLIP_PREFIXES = ("lora_te1_", "lora_te_", "text_encoder.", "text_encoders.clip_l
 T5_PREFIXES = ("lora_te2_", "text_encoders.t5xxl.", "text_encoder_2.")
 # Key fragments of LoRAs for other models (only looked for among keys nothing here maps).
 _UNET = "a Stable Diffusion UNet"
+_SDXL = ("lora_te2_", "text_encoder_2.", "transformer_blocks_1_", "transformer_blocks.1.")  # CLIP-G, 2+ blocks deep
 _OTHER_MODELS = [
     (("lora_unet_down_blocks_", "lora_unet_input_blocks_", "lora_unet_mid_block", "down_blocks.", "input_blocks."), _UNET),
     (("joint_blocks", "context_block."), "Stable Diffusion 3"),
@@ -54,6 +55,8 @@ _OTHER_MODELS = [
     (("cross_attn", "self_attn.q.", "self_attn_q."), "Wan / a video model"),
     ((".attention.qkv", "_attention_qkv"), "Lumina 2 / Z-Image"),
 ]  # fmt: skip
+_XLABS_DOUBLE = {"qkv_lora1": "img_attn.qkv", "qkv_lora2": "txt_attn.qkv", "proj_lora1": "img_attn.proj",
+                 "proj_lora2": "txt_attn.proj"}  # fmt: skip
 _NAMINGS = [("lora_unet_", "kohya"), ("lora_te", "kohya"), ("lora_transformer_", "OneTrainer"),
             ("lycoris_", "SimpleTuner LyCORIS"), ("text_encoder.", "diffusers/PEFT")]
 _WIDTHS = {3072: "FLUX.1 (3072 wide)", 6144: "FLUX.2 dev (6144 wide)", 1536: "SD3 medium (1536 wide)"}
@@ -178,7 +181,7 @@ def flux_targets(model: Flux) -> dict[str, Target]:
     diffusers(_DIFFUSERS_TOP, "", "")
     for i in range(p.depth):
         diffusers(_DIFFUSERS_DOUBLE, f"double_blocks.{i}.", f"transformer_blocks.{i}.")
-        for xlabs, bfl in (("qkv_lora1", "img_attn.qkv"), ("qkv_lora2", "txt_attn.qkv"), ("proj_lora1", "img_attn.proj"), ("proj_lora2", "txt_attn.proj")):
+        for xlabs, bfl in _XLABS_DOUBLE.items():
             names[f"double_blocks.{i}.processor.{xlabs}"] = (f"double_blocks.{i}.{bfl}", None, False)
     for i in range(p.depth_single_blocks):
         diffusers(_DIFFUSERS_SINGLE, f"single_blocks.{i}.", f"single_transformer_blocks.{i}.")
@@ -195,15 +198,16 @@ def clip_targets(clip: nn.Module) -> dict[str, Target]:
         if isinstance(module, nn.Linear):
             dotted = "text_model." + layer.removeprefix("text_model.")  # transformers 5 keeps no text_model.
             flat = dotted.replace(".", "_")
-            for name in (dotted, f"text_encoder.{dotted}", f"text_encoders.clip_l.transformer.{dotted}", f"lora_te1_{flat}", f"lora_te_{flat}"):
-                names[name] = (layer, None, False)
+            spellings = (dotted, f"text_encoder.{dotted}", f"text_encoders.clip_l.transformer.{dotted}")
+            names.update(dict.fromkeys((*spellings, f"lora_te1_{flat}", f"lora_te_{flat}"), (layer, None, False)))
     return names
 
 
 def _resolve(module: str, targets: dict[str, Target]) -> Target | None:
     if module in targets:
         return targets[module]
-    return next((targets[module[len(p) :]] for p in FLUX_PREFIXES if module.startswith(p) and module[len(p) :] in targets), None)
+    bare = (module[len(p) :] for p in FLUX_PREFIXES if module.startswith(p))
+    return next((targets[name] for name in bare if name in targets), None)
 
 
 @dataclass
@@ -279,7 +283,7 @@ def _patch(layer: Linear, adapters: list[tuple], compute_dtype: torch.dtype, mer
     work = torch.promote_types(torch.float32, compute_dtype)
     changes = [_change(parts, target, strength, weight.device, work) for parts, target, strength in adapters]
     if any(c.bias is not None for c in changes):
-        bias = torch.zeros(layer.out_features, dtype=work, device=weight.device) if layer.bias is None else layer.bias.to(work, copy=True)
+        bias = layer.bias.to(work, copy=True) if layer.bias is not None else weight.new_zeros(layer.out_features, dtype=work)
         for c in (c for c in changes if c.bias is not None):
             bias[c.rows] += c.bias
         layer.bias = nn.Parameter(bias.to(compute_dtype if layer.bias is None else layer.bias.dtype), requires_grad=False)
@@ -337,7 +341,7 @@ def _match(lora: Lora, flux_names: dict, clip_names: dict | None, report: LoraRe
     other = next((what for fragments, what in _OTHER_MODELS if any(f in m for m in unmatched for f in fragments)), None)
     if other or (unmatched and not flux and not text):
         if other == _UNET:
-            sdxl = any(k.startswith(("lora_te2_", "text_encoder_2.")) or "transformer_blocks_1_" in k or ".transformer_blocks.1." in k for k in lora.modules)
+            sdxl = any(f in m for m in lora.modules for f in _SDXL)
             other = "SDXL" if sdxl else "Stable Diffusion 1.x / 2.x"
         seems = f"it seems made for {other}" if other else "none of its layer names is a Flux or CLIP-L layer"
         raise CheckpointError(
@@ -400,7 +404,8 @@ def apply_loras(
     modes = {layer: _patch(twin.get_submodule(layer), a, dtypes[0], merge) for layer, a in adapters[0].items()}
     for lora, report, ((flux, _), _) in plans:
         report.modes = dict(Counter(modes[layer] for layer in {t[0] for _, t in flux} if layer in modes))
-    twin.description = getattr(model, "description", "Flux") + "; LoRAs: " + ", ".join(f"{lo.name} ({s:g})" for lo, s, _ in loras)
+    names = ", ".join(f"{lora.name} ({strength:g})" for lora, strength, _ in loras)
+    twin.description = f"{getattr(model, 'description', 'Flux')}; LoRAs: {names}"
     if not adapters[1]:
         return twin, text_encoders, [report for _, report, _ in plans]
     clip_twin, t5_twin = _twin(clip), _twin(text_encoders.t5)
