@@ -197,7 +197,10 @@ def use_blocks(model: nn.Module, qtypes: dict[str, Q]) -> None:
     """Turn the Linears (still on the meta device) whose `<layer>.weight` is quantised into GGUFLinears expecting
     raw blocks, so load_weights assigns them as stored."""
     for key, qtype in qtypes.items():
-        layer = model.get_submodule(key.removesuffix(".weight"))
+        try:
+            layer = model.get_submodule(key.removesuffix(".weight"))
+        except AttributeError:
+            continue  # no such layer: load_weights names the unexpected key
         if not isinstance(layer, Linear) or not key.endswith(".weight"):
             raise CheckpointError(f"{key} is quantised ({qtype.name}) but is not a linear layer's weight")
         block_size, type_size = gguf.GGML_QUANT_SIZES[qtype]
