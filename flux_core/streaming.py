@@ -529,8 +529,9 @@ def decode_on(ae, latent: Tensor, device: torch.device | str, scaled: bool = Tru
         return ae.decode(latent.to(ae.device, ae.dtype), scaled=scaled)
     on_cpu = _on_cpu(ae)
     pixels = latent.shape[0] * latent.shape[-2] * latent.shape[-1] * ae.params.downscale**2
-    # the decoder's last level holds a few (pixels x 128 channels) tensors at once
-    make_room(device, (weight_bytes(ae) if on_cpu else 0) + pixels * 128 * ae.dtype.itemsize * 6)
+    # the decoder's last level (128 channels at full size) peaks at about 6.5 such tensors: 1.6 GiB over the weights
+    # at 1024 px in bf16 (bench/vram.py's pipeline peaks on an H200)
+    make_room(device, (weight_bytes(ae) if on_cpu else 0) + pixels * 128 * ae.dtype.itemsize * 7)
     if on_cpu:
         place(ae, device, [], budget_bytes=_WHOLE)
     try:

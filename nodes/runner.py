@@ -159,7 +159,8 @@ def _select_device(device: str | None) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python <pack folder>", description=__doc__.split("\n\n")[0])
+    prog = "fluxkit" if __package__.startswith("fluxkit.") else "python <pack folder>"  # pip-installed, or a clone
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="run a workflow headless, or on a ComfyUI server with --server")
     convert = commands.add_parser("convert", help="print the API-format prompt of an editor-format workflow")
