@@ -26,7 +26,7 @@ from .workflow import SEED_NAMES, ValidationError, WorkflowError, set_inputs, va
 
 POLL_SECONDS = 2.0  # rank 0's progress report
 RANK_WAIT = datetime.timedelta(hours=24)  # ranks done (or failed) wait for the slowest at the end of a sweep
-_KEY = "fluxkit/jobs/"
+_RUNS = itertools.count()  # run_distributed calls (the same on every rank): each counts its jobs under its own keys
 
 
 def sweep_values(text: str, input_dir: Path) -> tuple[str, list[str]]:
@@ -61,6 +61,10 @@ def sweep_values(text: str, input_dir: Path) -> tuple[str, list[str]]:
     if not values:
         raise WorkflowError(f"--sweep {text!r} gives no values")
     return target, values
+
+
+class JobsFailed(WorkflowError):
+    """Jobs failed on some ranks; every rank raises the same message."""
 
 
 @dataclass
@@ -177,22 +181,26 @@ class _Numbering:
 class _Progress:
     """Rank 0 prints one line whenever the ranks' count of finished jobs changes (through torchrun's store)."""
 
-    def __init__(self, store, total: int, show: bool):
-        self.store, self.total, self.start, self.stop = store, total, time.monotonic(), threading.Event()
+    def __init__(self, store, key: str, total: int, show: bool):
+        self.store, self.key, self.total, self.start, self.stop = store, key, total, time.monotonic(), threading.Event()
         self.thread = threading.Thread(target=self._report, daemon=True) if show else None
         if self.thread:
             self.thread.start()
 
     def _report(self) -> None:
-        seen = -1
+        seen = None
         while not self.stop.wait(POLL_SECONDS):
-            done, failed = self.store.add(_KEY + "done", 0), self.store.add(_KEY + "failed", 0)
-            if (done, failed) != seen:
-                seen = (done, failed)
-                bar = "#" * (20 * done // max(self.total, 1))
-                note = f", {failed} failed" if failed else ""
-                print(f"[{bar:<20}] {done}/{self.total} jobs{note}, {time.monotonic() - self.start:.0f}s",
-                      file=sys.stderr, flush=True)  # fmt: skip
+            seen = self._line(seen)
+        self._line(seen, final=True)
+
+    def _line(self, seen: tuple | None, final: bool = False) -> tuple:
+        done, failed = self.store.add(self.key + "done", 0), self.store.add(self.key + "failed", 0)
+        if (done, failed) != seen or final:
+            bar = "#" * (20 * done // max(self.total, 1))
+            note = f", {failed} failed" if failed else ""
+            print(f"[{bar:<20}] {done}/{self.total} jobs{note}, {time.monotonic() - self.start:.0f}s",
+                  file=sys.stderr, flush=True)  # fmt: skip
+        return done, failed
 
     def finish(self) -> None:
         if self.thread:
@@ -207,8 +215,8 @@ def run_distributed(jobs_: list, run_job, sequence_parallel: bool) -> list[Path]
     rank, world = dist.get_rank(), dist.get_world_size()
     numbering = None if sequence_parallel else _Numbering()
     dist.barrier()  # every rank has read the folders before any writes
-    store = dist.distributed_c10d._get_default_store()
-    progress = _Progress(store, len(jobs_), rank == 0)
+    store, key = dist.distributed_c10d._get_default_store(), f"fluxkit/jobs/{next(_RUNS)}/"
+    progress = _Progress(store, key, len(jobs_), rank == 0)
     mine = range(len(jobs_)) if sequence_parallel else range(rank, len(jobs_), world)
     saved, error = {}, None
     try:
@@ -218,26 +226,28 @@ def run_distributed(jobs_: list, run_job, sequence_parallel: bool) -> list[Path]
             standins.hold = None if writes else held
             try:
                 paths = run_job(jobs_[job])
+                if numbering is not None:
+                    paths = numbering.save(job, held)
             except (WorkflowError, OSError) as e:
+                if sequence_parallel:  # the other ranks wait in this image's collectives: end the run (torchrun does)
+                    raise
                 error = f"job {job + 1}/{len(jobs_)} ({jobs_[job].label or 'the workflow'}) failed on rank {rank}: {e}"
-                store.add(_KEY + "failed", 1)
+                store.add(key + "failed", 1)
                 break
             finally:
                 standins.hold = None
-            if numbering is not None:
-                paths = numbering.save(job, held)
             if numbering is not None or writes:
                 saved[job] = [str(p) for p in paths]
-                store.add(_KEY + "done", 1)
+                store.add(key + "done", 1)
+        results = [None] * world
+        dist.all_gather_object(results, (saved, error, numbering.per_job if numbering else {}))  # waits for all
     finally:
         progress.finish()
-    results = [None] * world
-    dist.all_gather_object(results, (saved, error, numbering.per_job if numbering else {}))
     errors = [e for _, e, _ in results if e]
     errors += _uneven([counts for _, _, counts in results])
     paths = [Path(p) for job in range(len(jobs_)) for result in results for p in result[0].get(job, [])]
     if errors:
-        raise WorkflowError("\n  ".join([f"{len(errors)} problem(s); the finished jobs' files are kept", *errors]))
+        raise JobsFailed("\n  ".join([f"{len(errors)} problem(s); the finished jobs' files are kept", *errors]))
     return paths
 
 

@@ -241,8 +241,8 @@ def main(argv=None, classes: dict | None = None, display_names: dict | None = No
         else:
             paths = [p for job in jobs for p in run_job(job)]
     except (WorkflowError, OSError) as e:
-        if ranks and dist.is_initialized() and dist.get_rank() > 0:
-            return 1  # rank 0 says it (every rank knows every rank's errors)
+        if isinstance(e, (distributed.JobsFailed, ValidationError)) and dist.is_initialized() and dist.get_rank() > 0:
+            return 1  # rank 0 says it: every rank finds the same
         if args.traceback:
             traceback.print_exception(e)
         print(f"error: {e}", file=sys.stderr)
