@@ -25,10 +25,12 @@ CAT_IDS = {"clip": [49406, 320, 1125, 539, 320, 2368, 49407], "t5": [3, 9, 1202,
 INSTALLED = """
 import json, sys
 import flux_core, fluxkit
+from fluxkit.nodes.runner import _parser
 from flux_core.conditioning import BUNDLED_TOKENIZERS, load_tokenizer
 ids = {w: load_tokenizer(w)("a photo of a cat")["input_ids"] for w in ("clip", "t5")}
 print(json.dumps({"flux_core": flux_core.__file__, "tokenizers": str(BUNDLED_TOKENIZERS), "ids": ids,
-                  "nodes": len(fluxkit.NODE_CLASS_MAPPINGS), "copies": [m for m in sys.modules if ".flux_core" in m]}))
+                  "nodes": len(fluxkit.NODE_CLASS_MAPPINGS), "copies": [m for m in sys.modules if ".flux_core" in m],
+                  "prog": _parser().prog}))
 """
 
 
@@ -73,6 +75,7 @@ def test_pip_install_gives_flux_core_and_the_fluxkit_command(editable, source, t
     assert found["flux_core"].startswith(str(home)) and not found["flux_core"].startswith(str(REPO))
     assert found["tokenizers"].startswith(str(home)) and found["ids"] == CAT_IDS
     assert found["nodes"] >= 10 and found["copies"] == []  # the nodes use the same flux_core modules as users
+    assert found["prog"] == "fluxkit"  # its usage lines name the command
 
     if not editable:  # the console script on a shipped workflow, by name (an editable install's script is the same)
         converted = json.loads(run([bin_dir / "fluxkit", "convert", "flux_dev_txt2img"], elsewhere).stdout)
