@@ -3,7 +3,8 @@
 Ours -> core: `core_model(flux)` is a ComfyUI MODEL (a ModelPatcher over comfy.model_base.Flux) whose diffusion model
 is a twin of our Flux (Flux.twin(): the very same tensors) that speaks ComfyUI's forward signature. So KSampler,
 ModelSamplingFlux, LoraLoaderModelOnly (by key: our parameter names are BFL's, as core's) and ComfyUI's memory
-management work on it; core LoRA patches replace the twin's tensors only, never the model our own nodes hold.
+management work on it; ComfyUI's moves and LoRA patches replace the twin's tensors only, never those of the model our
+own nodes hold (which streaming and placement manage).
 Core -> ours: `token_model` gives our sampler any Flux MODEL (ours, or core's comfy.ldm.flux Flux) after ComfyUI loads
 it with its patches; `encode` and `decode`/`encode_image` run core CLIP / VAE objects as core's own nodes do.
 ComfyUI is imported here lazily: these functions are reached only with ComfyUI objects, i.e. inside ComfyUI.
@@ -73,7 +74,10 @@ def core_model(flux: Flux):
     config.set_inference_dtype(flux.compute_dtype, None)
     base = config.get_model({})
     twin = flux.twin()
-    twin.__class__ = ComfyFlux  # the same modules and tensors, with ComfyUI's forward
+    twin.__class__ = ComfyFlux  # the same tensors, with ComfyUI's forward
+    for module in twin.modules():  # own Parameter objects on the same memory: ComfyUI moves or patches the twin's
+        for name, p in module._parameters.items():  # weights by replacing them, never our model's
+            module._parameters[name] = None if p is None else nn.Parameter(p.data, requires_grad=p.requires_grad)
     base.diffusion_model = twin
     patcher = _comfy("comfy.model_patcher").ModelPatcher(base, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
     _patchers[flux] = patcher

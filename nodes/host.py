@@ -71,7 +71,7 @@ def register_template_route() -> None:
     space. ComfyUI 0.8.0 mounts each pack's templates with aiohttp's web.static under the raw folder name, and
     aiohttp matches that prefix percent-encoded ("Flux%20Kit") against the decoded request path, so every file 404s
     and clicking a template does nothing. This route (looked up after ComfyUI's own) serves our folder only."""
-    server, pack = _comfy("server"), PACK_DIR
+    server, pack = sys.modules.get("server"), PACK_DIR  # ComfyUI's server module, only when it is running
     if server is None or getattr(server.PromptServer, "instance", None) is None or " " not in pack.name:
         return
     from aiohttp import web  # ComfyUI's web server
