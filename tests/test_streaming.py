@@ -24,9 +24,9 @@ def tiny_model(seed: int = 0, **overrides) -> Flux:
     return Flux(tiny_params(**{"depth": 3, "depth_single_blocks": 4, **overrides})).eval()
 
 
-def block_budget(model: Flux, streamed: int, slots: int = 2) -> int:
+def block_budget(model: nn.Module, streamed: int, slots: int = 2, blocks: list | None = None) -> int:
     """The budget that streams the `streamed` smallest blocks: the rest, the non-block layers and the slots."""
-    p = streaming.Placement(model, model.blocks())
+    p = streaming.Placement(model, model.blocks() if blocks is None else blocks)
     sizes = sorted(b.nbytes for b in p.blocks)
     return p.fixed.nbytes + sum(sizes[streamed:]) + slots * sizes[streamed - 1]
 
@@ -235,3 +235,21 @@ def test_decode_that_runs_out_of_memory_is_redone_in_tiles(monkeypatch):
 
     monkeypatch.setattr(streaming, "make_room", lambda device, nbytes: True)
     assert streaming.decode_on(OutOfMemoryAE(), torch.zeros(1, 16, 8, 8), "cuda", scaled=False) == ("tiled", "cpu", False)
+
+
+def test_a_model_with_its_own_block_loop_streams_through_hooks():
+    # T5 (transformers' loop calls the blocks): forward hooks bring each streamed block's weights in and out
+    from tiny_text import tiny_t5_config
+    from transformers import T5EncoderModel
+
+    torch.manual_seed(0)
+    t5 = T5EncoderModel(tiny_t5_config(width=32, layers=4)).eval()
+    ids = torch.randint(0, 32128, (2, 7))
+    with torch.inference_mode():
+        expected = t5(input_ids=ids).last_hidden_state
+        blocks = list(t5.encoder.block)
+        placement = place(t5, CPU, blocks, budget_bytes=block_budget(t5, 3, blocks=blocks), hooks=True)
+        assert len(placement.streamed) == 3
+        assert torch.equal(t5(input_ids=ids).last_hidden_state, expected)
+    unload(t5)
+    assert not any(hook for b in blocks for hook in (*b._forward_pre_hooks.values(), *b._forward_hooks.values()))
