@@ -36,10 +36,10 @@ RANK = 32
 
 
 def random_flux(params, device: torch.device, dtype: torch.dtype) -> Flux:
-    """Built on the meta device, then filled in place: no float32 copy of a 12B model on the way."""
+    """Built on the meta device in `dtype`, then filled in place: no float32 copy of a 12B model on the way."""
     with torch.device("meta"):
-        model = Flux(params)
-    model = model.to_empty(device=device).to(dtype).eval().requires_grad_(False)
+        model = Flux(params).to(dtype)
+    model = model.to_empty(device=device).eval().requires_grad_(False)
     gen = torch.Generator(device).manual_seed(0)
     for name, tensor in model.state_dict().items():
         if tensor.ndim == 2:
