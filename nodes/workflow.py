@@ -403,7 +403,7 @@ def set_inputs(prompt: dict, assignments, defs: NodeDefs, ui: dict | None = None
         try:
             value = _parse_value(raw, inp)
         except ValueError as e:
-            raise WorkflowError(f"--set {text!r}: {name!r} is a {inp.type} input; expected {e}, not {raw!r}") from None
+            raise WorkflowError(f"--set {text!r}: {name!r} is of type {inp.type}; expected {e}, not {raw!r}") from None
         inputs = prompt[node_id].setdefault("inputs", {})
         if not isinstance(inputs, dict):
             raise WorkflowError(f"--set {text!r}: node {node_id}'s inputs are not an object of name: value")

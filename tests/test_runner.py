@@ -143,6 +143,14 @@ def test_invalid_workflow_exits_nonzero_with_one_line_per_problem(tmp_path, caps
     assert "cannot read the workflow" in capsys.readouterr().err
 
 
+def test_set_values_of_the_wrong_type_or_not_finite_stop_the_run(tmp_path, capsys):
+    assert cli(tmp_path, runnable_ui(), "--set", "7.cfg=NaN") == 1
+    assert "node 7 (Sampler) input 'cfg': Value nan is not a finite number" in capsys.readouterr().err
+    assert cli(tmp_path, runnable_ui(), "--set", "7.steps=2.7") == 1
+    assert "error: --set '7.steps=2.7': 'steps' is of type INT; expected a whole number, not '2.7'" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("prefix, message", [("../escape", "leads outside"), ("/tmp/abs", "not an absolute path"),
                                              ("a/../../escape", "leads outside")])  # fmt: skip
 def test_output_names_cannot_leave_the_output_folder(tmp_path, capsys, prefix, message):
@@ -261,7 +269,7 @@ def test_missing_tokenizers_are_found_with_the_files_before_any_loading(pack, tm
                       ("text_encoders", "t5xxl_fp16.safetensors"), ("vae", "ae.safetensors")]:  # fmt: skip
         (models / sub).mkdir(parents=True, exist_ok=True)
         (models / sub / name).write_bytes(b"")  # never read: validation fails before any load
-    conditioning = pack_module(pack, "loaders").flux_core.conditioning
+    conditioning = sys.modules[pack_module(pack, "loaders").find_tokenizer.__module__]  # wherever flux_core lives
     monkeypatch.setattr(conditioning, "tokenizer_places", lambda which, *args: [tmp_path / "nowhere"])
     args = ["run", str(REPO / "workflows" / "flux_dev_txt2img.json"), "--models", str(models), "--output", str(tmp_path / "out")]
     assert pack_module(pack, "runner").main(args) == 1

@@ -377,7 +377,7 @@ def test_set_parses_by_the_declared_type():
     for assignment, expected in [("1.tiled=maybe", "expected true/false"), ("1.tiled=2", "expected true/false"),
                                  ("1.size=2.7", "expected a whole number"), ("1.size=true", "expected a whole number"),
                                  ("1.scale=true", "expected a number"), ("1.scale=", "expected a number")]:  # fmt: skip
-        with pytest.raises(workflow.WorkflowError, match=f"--set '{re.escape(assignment)}': '.*' is a [A-Z]+ input; {expected}"):
+        with pytest.raises(workflow.WorkflowError, match=f"--set '{re.escape(assignment)}': '.*' is of type [A-Z]+; {expected}"):
             workflow.set_inputs(prompt, [assignment], d)
     assert prompt["1"]["inputs"] == {"tiled": True, "size": -3, "scale": 2.0, "mode": "off"}  # refusals change nothing
 
