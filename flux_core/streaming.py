@@ -224,6 +224,7 @@ class Placement:
         if any(h.device.type != "cpu" for b in (self.fixed, *self.blocks) for h in b.home):
             raise ValueError("place() takes a model whose weights are on the CPU (load it with device='cpu')")
         self.modules = blocks
+        self.ids = {id(t) for b in (self.fixed, *self.blocks) for t in b.tensors}
         self.device, self.ahead, self.budget, self.kind, self.link_ratio = None, 1, 0, None, LINK_RATIO
         self.streamed, self.position, self.resident, self.slots, self.hooks = [], {}, [], [], []
 
@@ -387,8 +388,12 @@ def block_runner(model: nn.Module):
 
 
 def placement_of(model: nn.Module) -> Placement | None:
-    """The Placement of `model`'s tensors (shared with its twins, which hold the same tensor objects)."""
-    return getattr(next(model.parameters()), "_fluxkit_placement", None)
+    """The Placement of `model`'s tensors (shared with its twins, which hold the same tensor objects); None for a twin
+    with tensors of its own (a LoRA's merged layers, side paths), which gets a placement of its own."""
+    placement = getattr(next(model.parameters()), "_fluxkit_placement", None)
+    if placement is None or placement.ids != {id(t) for _, _, t in _tensors(model)}:
+        return None
+    return placement
 
 
 _PLACED: "weakref.WeakSet[Placement]" = weakref.WeakSet()  # placements with weights on a device
@@ -424,12 +429,12 @@ def place(
     if ahead < 1:
         raise ValueError(f"ahead must be >= 1 (blocks prefetched while one computes), got {ahead}")
     placement = placement_of(model)
+    for other in list(_PLACED):  # first: a twin's shared tensors go home before a placement of its own is made
+        if other is not placement and other.device == device and kind is not None and other.kind == kind:
+            unload_placement(other)
     if placement is None:
         placement = Placement(model, blocks)
         next(model.parameters())._fluxkit_placement = placement
-    for other in list(_PLACED):
-        if other is not placement and other.device == device and kind is not None and other.kind == kind:
-            unload_placement(other)
     if budget_bytes is None:
         own = placement.resident_bytes if placement.device == device else 0  # its own memory counts as free
         budget_bytes = free_bytes(device) + own - activations
@@ -509,7 +514,8 @@ def transformer_on(model: nn.Module, device: torch.device | str, batch: int, img
     blocks streamed (`batch` counts cfg's second pass). Any other placed transformer is unloaded first. None (a
     no-op) on the CPU or for a model already on a GPU."""
     device = torch.device(device)
-    if device.type != "cuda" or (placement_of(model) is None and not _on_cpu(model)):
+    managed = hasattr(next(model.parameters()), "_fluxkit_placement")  # on the GPU through a twin's placement
+    if device.type != "cuda" or (not managed and not _on_cpu(model)):
         return None
     activations = flux_activation_bytes(model, batch, img_tokens, txt_tokens)
     if budget_bytes is None:

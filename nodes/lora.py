@@ -1,6 +1,7 @@
 """The LoRA node: a Flux LoRA (and its CLIP-L part) on a twin of the model. Glue over flux_core.lora."""
 import logging
 
+from flux_core import streaming
 from flux_core.lora import apply_loras, read_lora
 
 from . import host
@@ -57,6 +58,7 @@ class FluxKitLoraLoader:
         path = host.model_path("loras", lora_name)
         lora = PARSED.get(("lora", file_fingerprint(path)), lambda: read_lora(path))
         encoders = None if text_encoders is None else text_encoders.encoders
+        streaming.unload(model)  # weights home first: the twin's patched layers are made there, the sampler places it
         model, encoders, (report,) = apply_loras(model, [(lora, strength_model, strength_clip)], encoders, apply == "merge")
         (log.warning if report.skipped else log.info)("LoRA %s", report)
         return model, None if encoders is None else TextEncodersOn(encoders, text_encoders.device)

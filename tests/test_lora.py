@@ -13,13 +13,16 @@ from safetensors.torch import load_file, save_file
 from tiny_flux import bfl_to_diffusers, diffusers_config, tiny_inputs, tiny_params, write_flux_bfl, write_flux_fp8
 from tiny_text import tiny_clip_config, write_clip_l, write_t5
 from test_nodes import models, pack  # noqa: F401  (fixtures: the pack as ComfyUI loads it, tiny models folder)
+from test_streaming import block_budget
 
 from conftest import REPO
 
+from flux_core import streaming
 from flux_core.checkpoint import CheckpointError
 from flux_core.conditioning import load_text_encoders
 from flux_core.loading import load_flux
 from flux_core.lora import apply_loras, parse_lora, read_lora
+from flux_core.model import Flux
 from flux_core.ops import Linear
 
 PARAMS = tiny_params()
@@ -467,3 +470,23 @@ def test_lora_workflow_runs_headless(pack, lora_models, tmp_path):
     (png,) = tmp_path.rglob("*.png")
     prompt = json.loads(Image.open(png).text["prompt"])
     assert prompt["9"]["class_type"] == "FluxKitLoraLoader" and prompt["9"]["inputs"]["strength_model"] == 0.8
+
+
+def test_a_lora_twin_gets_a_placement_of_its_own_when_streaming():
+    """A placed (streamed) base and its LoRA twin: the twin's merged layers are not the base's, so it cannot use the
+    base's placement; placing it sends the base home first, and the base placed again is the same as before."""
+    torch.manual_seed(0)
+    model = Flux(tiny_params(depth=3, depth_single_blocks=4)).eval()
+    plain = run(model, torch.float32)
+    placement = streaming.place(model, "cpu", model.blocks(), block_budget(model, streamed=3), kind="transformer")
+    assert placement.streamed and streaming.placement_of(model.twin()) is placement  # same tensors: shared
+    twin, _, _ = apply_loras(model, [(parse_lora(kohya_lora(model, seed=10)), 1.0, 1.0)])
+    expected = run(twin, torch.float32)
+    assert streaming.placement_of(twin) is None
+    own = streaming.place(twin, "cpu", twin.blocks(), block_budget(twin, streamed=3), kind="transformer")
+    assert own is not placement and own.streamed and not placement.resident  # the base went home first
+    assert own.ids == {id(t) for t in (*twin.parameters(), *twin.buffers())}
+    assert torch.equal(run(twin, torch.float32), expected) and not torch.equal(expected, plain)
+    assert streaming.place(model, "cpu", model.blocks(), block_budget(model, streamed=3), kind="transformer") is placement
+    assert torch.equal(run(model, torch.float32), plain)
+    streaming.unload(model)
