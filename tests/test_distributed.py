@@ -1,6 +1,7 @@
 """torch.distributed on the CPU: 2 gloo processes (spawned here, file rendezvous) against one process.
 Sequence-parallel forward, the distributed runner's files, DDP seq2seq training."""
 import json
+import os
 
 import pytest
 import torch
@@ -102,7 +103,7 @@ ITEM_NODES = {**FAKE_NODES, "Sampler": ItemSampler, "Decode": ItemDecode}
 
 
 def _run(tmp_path, out: str, *args, classes=FAKE_NODES) -> int:
-    path = tmp_path / "workflow.json"
+    path = tmp_path / f"workflow-{os.getpid()}.json"  # each rank its own: a rank reading another's half-written file
     path.write_text(json.dumps(runnable_ui()))
     return runner.main(["run", str(path), "--output", str(tmp_path / out), "--input", str(tmp_path), *args], classes)
 
