@@ -133,8 +133,11 @@ def _copy(response, file, limit: int, what: str) -> None:
     while chunk := response.read(2**20):
         total += len(chunk)
         if total > limit:
-            raise RemoteError(f"{what} from the server exceeds {limit // 2**20} MiB")
+            raise RemoteError(f"{what} exceeds {limit // 2**20} MiB")
         file.write(chunk)
+    promised = response.headers.get("Content-Length", "")
+    if promised.isdigit() and total != int(promised):  # read() ends quietly when the connection drops
+        raise RemoteError(f"{what} broke off after {total} of {promised} bytes")
 
 
 class Server:
@@ -232,16 +235,18 @@ class Server:
         try:
             folder = inside(output_dir if kind == "output" else preview_dir(), str(item.get("subfolder") or "."), "server subfolder")
         except ValueError as e:
-            raise RemoteError(f"refusing an output of the server: {e}") from None
+            raise RemoteError(f"refusing an output of {self.base}: {e}") from None
         name = Path(str(item["filename"]).replace("\\", "/")).name  # never a path chosen by the server
         match = re.fullmatch(r"(.+)_\d+_(\.\w+)", name)
         prefix, suffix = match.groups() if match else (Path(name).stem or "ComfyUI", Path(name).suffix or ".png")
         query = urllib.parse.urlencode({"filename": item["filename"], "subfolder": item.get("subfolder") or "", "type": kind})
         try:
             with self._open(f"/view?{query}") as response:
-                return write_new(folder, prefix, lambda f: _copy(response, f, MAX_DOWNLOAD, name), suffix)
+                return write_new(folder, prefix, lambda f: _copy(response, f, MAX_DOWNLOAD, f"{name} from {self.base}"), suffix)
         except urllib.error.HTTPError as e:
             raise RemoteError(f"downloading {name} from {self.base}: HTTP {e.code} {e.reason}") from None
+        except http.client.HTTPException as e:  # the body broke off
+            raise RemoteError(f"downloading {name} from {self.base}: {type(e).__name__}: {str(e)[:100]!r}") from None
 
 
 def _error_lines(error, node_errors) -> list[str]:

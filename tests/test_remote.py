@@ -45,7 +45,7 @@ def read_client_frame(rfile) -> tuple[int, bytes]:
 class FakeComfy:
     """scenario: "success", "refuse" (400 with node_errors), "fail" (execution_error), "escape" (bad subfolder), or
     a misbehaviour: "garbage" (no HTTP at all), "info list", "info entry", "refuse list", "history list", "ws bytes"
-    (a text frame that is not UTF-8)."""
+    (a text frame that is not UTF-8), "view cut" (an image download that breaks off)."""
 
     def __init__(self, scenario: str):
         self.scenario, self.posted, self.views, self.pongs, self.client_ids = scenario, [], [], [], []
@@ -142,6 +142,13 @@ class FakeComfy:
                     return self.answer(200, json.dumps([history] if fake.scenario == "history list" else history).encode())
                 if url.path == "/view":
                     fake.views.append(query)
+                    if fake.scenario == "view cut":  # promises more bytes than it sends
+                        self.send_response(200)
+                        self.send_header("Content-Length", str(len(fake.image) + 100))
+                        self.end_headers()
+                        self.wfile.write(fake.image)
+                        self.close_connection = True
+                        return
                     return self.answer(200, fake.image, "image/png")
                 self.answer(404, b"{}")
 
@@ -219,7 +226,7 @@ def test_server_execution_error_is_reported(tmp_path, capsys):
 def test_server_output_names_cannot_leave_the_output_folder(tmp_path, capsys):
     with FakeComfy("escape") as fake:
         assert server_cli(tmp_path, fake, sample_ui()) == 1
-    assert "refusing an output of the server: server subfolder '../../evil' leads outside" in capsys.readouterr().err
+    assert f"refusing an output of {fake.url}: server subfolder '../../evil' leads outside" in capsys.readouterr().err
     assert not list(tmp_path.parent.glob("evil")) and not fake.views
 
 
@@ -240,6 +247,7 @@ def test_bad_or_unreachable_server(tmp_path, capsys, url, message):
     ("refuse list", "refused the workflow (HTTP 400) with a JSON list: ['no', 'reasons']"),
     ("history list", f"to /history/{PROMPT_ID} is a JSON list, not an object"),
     ("ws bytes", "sent a websocket text message that is not UTF-8"),
+    ("view cut", "broke off after"),
 ])  # fmt: skip
 def test_a_misbehaving_server_gets_one_line_naming_it(tmp_path, capsys, scenario, message):
     with FakeComfy(scenario) as fake:
@@ -248,4 +256,4 @@ def test_a_misbehaving_server_gets_one_line_naming_it(tmp_path, capsys, scenario
     line = err.splitlines()[-1]  # after the progress lines, if any
     assert "Traceback" not in err and err.count("error: ") == 1 and line.startswith("error: "), err
     assert fake.url in line and message in line, line
-    assert not (tmp_path / "out").exists()
+    assert not list((tmp_path / "out").rglob("*.*"))  # no image, no part file
