@@ -9,8 +9,9 @@ Rank 0 first measures one device alone (before the process group forms), then ev
   sp WxH     one sampling step (a forward) of one image, sequence-parallel (Ulysses) vs one device (outputs compared),
              with the all-to-all bytes each rank sends per step and their time (the same all_to_all_single calls alone)
 Ratios are speedups (one device's time / N devices' time). PyTorch's context_parallel (ring attention over DTensor)
-is not measured: it needs SDPA on a DeviceMesh with CUDA (no gloo), and Ulysses moves each token's q, k, v once per
-layer where the ring moves every rank's K, V N - 1 times.
+is not measured: in torch 2.13 it dispatches only the CUDA SDPA kernels (flash, memory-efficient, cuDNN), so it cannot
+run on the CPU with gloo where the tests run, and it sends every rank's K, V around the ring (N - 1 hops per layer)
+where Ulysses sends each token's q, k, v and output once.
 """
 import argparse
 import datetime
@@ -158,7 +159,8 @@ def all_to_all_cost(model: Flux, shape: dict, size: int, device: torch.device, r
     local = p.num_heads // world * p.head_dim  # one token's elements in one head group
     dtype = torch.float32 if device.type == "cpu" else model.compute_dtype  # the CPU path sends float32 q, k, v
     new = lambda n: torch.empty(n, dtype=dtype, device=device)  # noqa: E731
-    there = (new(total * 3 * local), new(length * 3 * local * world), [n * 3 * local for n in sizes], [length * 3 * local] * world)
+    qkv = 3 * local
+    there = (new(total * qkv), new(length * qkv * world), [n * qkv for n in sizes], [length * qkv] * world)
     back = (new(length * local * world), new(total * local), [length * local] * world, [n * local for n in sizes])
     calls = p.depth + p.depth_single_blocks
 
@@ -168,7 +170,7 @@ def all_to_all_cost(model: Flux, shape: dict, size: int, device: torch.device, r
                 dist.all_to_all_single(out, inp, out_splits, in_splits)
 
     seconds, _ = timed(exchange, device, repeats)
-    sent = calls * (length * 3 * local * (world - 1) + (total - length) * local) * there[0].element_size()
+    sent = calls * (length * qkv * (world - 1) + (total - length) * local) * there[0].element_size()
     return sent / 2**20, seconds
 
 
@@ -245,7 +247,7 @@ def report(single: dict, together: dict, world: int) -> list[dict]:
         else:
             check = f"output max rel diff {relative_error(result, base):.1e}"
             mib, comm = extra[0]
-            check += f"; all-to-all {mib:.0f} MiB/rank/step in {comm * 1e3:.1f} ms"
+            check += f"; all-to-all {mib:.1f} MiB/rank/step in {comm * 1e3:.1f} ms"
             what = f"one image {name[3:]}^2 step"
         speedup = base_seconds / seconds
         target = TARGETS.get(name, math.nan)

@@ -38,7 +38,7 @@ def sequence_parallel(group: dist.ProcessGroup | None = None) -> Iterator[None]:
 
 
 def shards(txt_len: int, img_len: int) -> "Shards | None":
-    """This rank's share of a (txt_len + img_len)-token forward, or None outside `sequence_parallel` (or on one rank)."""
+    """This rank's share of a (txt_len + img_len)-token forward; None outside `sequence_parallel` or on one rank."""
     if not _active or dist.get_world_size(_active[-1]) == 1:
         return None
     return Shards(_active[-1], txt_len, img_len)
