@@ -451,9 +451,12 @@ def unload_placement(placement: Placement) -> None:
 
 
 def unload(model: nn.Module) -> None:
-    """`model`'s weights back to the CPU (no-op when it is not placed)."""
-    if (placement := placement_of(model)) is not None:
-        unload_placement(placement)
+    """`model`'s weights back to the CPU: every placement holding any of them (its own, or a twin's, e.g. a LoRA'd
+    twin's) is unloaded; a no-op when none is placed."""
+    ids = {id(t) for _, _, t in _tensors(model)}
+    for placement in list(_PLACED):
+        if placement.ids & ids:
+            unload_placement(placement)
 
 
 def make_room(device: torch.device | str, nbytes: int) -> bool:

@@ -487,6 +487,8 @@ def test_a_lora_twin_gets_a_placement_of_its_own_when_streaming():
     assert own is not placement and own.streamed and not placement.resident  # the base went home first
     assert own.ids == {id(t) for t in (*twin.parameters(), *twin.buffers())}
     assert torch.equal(run(twin, torch.float32), expected) and not torch.equal(expected, plain)
+    streaming.unload(model)  # the base's weights home: the twin's placement holds some of them, so it goes too
+    assert not own.resident
     assert streaming.place(model, "cpu", model.blocks(), block_budget(model, streamed=3), kind="transformer") is placement
     assert torch.equal(run(model, torch.float32), plain)
     streaming.unload(model)
