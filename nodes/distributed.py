@@ -30,8 +30,9 @@ _RUNS = itertools.count()  # run_distributed calls (the same on every rank): eac
 
 
 def sweep_values(text: str, input_dir: Path) -> tuple[str, list[str]]:
-    """--sweep NODE.INPUT=VALUES -> (NODE.INPUT, [value texts for --set]). VALUES: a,b,c | A..B (whole numbers,
-    inclusive) | a JSON list | @FILE (one value a line) | @FOLDER (its image files, a folder inside --input)."""
+    """--sweep NODE.INPUT[,NODE.INPUT...]=VALUES -> (the targets, [value texts for --set]); several targets take the
+    same value in each job (e.g. a prompt for both text encoders). VALUES: a,b,c | A..B (whole numbers, inclusive) |
+    a JSON list | @FILE (one value a line) | @FOLDER (its image files, a folder inside --input)."""
     target, sep, raw = text.partition("=")
     if not (sep and "." in target and raw):
         raise WorkflowError(f"--sweep {text!r}: expected NODE.INPUT=VALUES, e.g. 3.seed=1..8 or 6.text=@prompts.txt")
@@ -80,7 +81,7 @@ def jobs(prompt: dict, extra: dict, sweeps: list[str], defs, batch_split: bool =
     axes = [sweep_values(text, host.input_dir()) for text in sweeps]
     out = []
     for combination in itertools.product(*(values for _, values in axes)):
-        assignments = [f"{target}={value}" for (target, _), value in zip(axes, combination)]
+        assignments = [f"{t}={value}" for (targets, _), value in zip(axes, combination) for t in targets.split(",")]
         job = Job(copy.deepcopy(prompt), copy.deepcopy(extra), " ".join(assignments))
         set_inputs(job.prompt, assignments, defs, job.extra.get("workflow"))
         if assignments:  # every job checked before the first runs

@@ -175,7 +175,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--input", help="folder Load Image reads from (default ./input)")
     run.add_argument("--device", help="cpu, cuda or cuda:N (default: CUDA when available)")
     run.add_argument("--timeout", type=float, default=3600, help="server mode: seconds to wait for the result")
-    run.add_argument("--sweep", action="append", default=[], metavar="NODE.INPUT=VALUES",
+    run.add_argument("--sweep", action="append", default=[], metavar="NODE.INPUT[,NODE.INPUT]=VALUES",
                      help="run once per value (a,b,c | 1..8 | JSON list | @file of lines | @folder of input images); "
                      "repeatable: every combination. Under torchrun the ranks share the runs")  # fmt: skip
     run.add_argument("--batch-split", action="store_true",

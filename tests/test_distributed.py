@@ -155,6 +155,8 @@ def test_sweep_values_and_refusals(tmp_path):
         values("3.seed")
     with pytest.raises(WorkflowError, match="not inside the input folder"):
         values(f"9.image=@{tmp_path.parent}")
+    both = distributed.jobs(api_prompt(), {}, ["7.seed,7.steps=5,6"], defs())  # several inputs, one value a job
+    assert [(j.prompt["7"]["inputs"]["seed"], j.prompt["7"]["inputs"]["steps"]) for j in both] == [(5, 5), (6, 6)]
     with pytest.raises(WorkflowError, match=r"7\.steps=0 is not valid"):
         distributed.jobs(api_prompt(), {}, ["7.steps=1,0"], defs())
     assert _run(tmp_path, "out", "--sequence-parallel") == 1  # one process: nothing to split over
