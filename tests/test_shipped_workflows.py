@@ -36,6 +36,8 @@ def test_ui_converts_to_its_api_twin(path, defs):
     workflow, node_defs = defs
     ui = json.loads(path.read_text())
     assert ui["version"] == 0.4 and "nodes" in ui
+    if any(node_defs.get(n["type"]) is None for n in ui["nodes"]):
+        pytest.skip("uses core ComfyUI nodes the headless runner lacks: test_comfyui_lab.py converts it with a server's")
     assert workflow.to_api(ui, node_defs) == json.loads((REPO / "workflows" / "api" / path.name).read_text())
 
 
