@@ -210,3 +210,8 @@ def test_ddp_training_follows_one_process(tmp_path):
         torch.testing.assert_close(saved[name], tensor, rtol=1e-4, atol=1e-6)
     for name, tensor in one.run.model.state_dict().items():
         torch.testing.assert_close(back.run.model.state_dict()[name], tensor, rtol=1e-4, atol=1e-6)
+    cut = tmp_path / "two-at-4"  # a save cut short after the state file: train_state.json still says step 2
+    (cut / "train_state.json").write_text((tmp_path / "two-at-2" / "train_state.json").read_text())
+    resumed = Trainer.resume(cut, ShapeTask(train_points=8))
+    assert resumed.step == 4 and resumed.losses == two and resumed.ema.keys() == saved.keys()
+    assert all(torch.equal(resumed.ema[name], tensor) for name, tensor in saved.items())

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
@@ -222,7 +223,9 @@ class Trainer:
         for index, entries in self.optimizer.state_dict()["state"].items():
             state.update({f"optim.{index}.{k}": v for k, v in entries.items()})
         state["rng.data"], state["rng.noise"] = self.data_rng.get_state(), self.noise_rng.get_state()
-        write_atomic(run_dir / STATE_FILE, lambda path: save_file(state, path))
+        state.update({f"ema.{k}": v for k, v in self.ema.items()})  # resuming reads this one file: one atomic write
+        progress = {"progress": json.dumps({"step": self.step, "losses": self.losses})}
+        write_atomic(run_dir / STATE_FILE, lambda path: save_file(state, path, metadata=progress))
         train_state = {"step": self.step, "config": asdict(self.config), "losses": self.losses}
         write_atomic(run_dir / TRAIN_STATE_FILE, lambda path: path.write_text(json.dumps(train_state)))
 
@@ -242,9 +245,11 @@ class Trainer:
         trainer = cls(FluxParams(**meta["flux"]), task, config, FlowMatch(**meta["flow"]), device)
         trainer.run.layout = Layout(**meta["layout"])  # the normalisation trained with, not a recomputed one
         state = load_safetensors(run_dir / STATE_FILE)
+        with safe_open(run_dir / STATE_FILE, "pt") as f:  # step and losses of the state (a save cut short between
+            progress = json.loads((f.metadata() or {}).get("progress", "null")) or saved  # files leaves the JSON older)
         trainer.run.model.load_state_dict(strip_prefix(state, "model."))
-        with torch.no_grad():
-            for name, tensor in load_safetensors(run_dir / MODEL_FILE).items():
+        with torch.no_grad():  # runs saved before the EMA joined the state: the exported EMA weights
+            for name, tensor in (strip_prefix(state, "ema.") or load_safetensors(run_dir / MODEL_FILE)).items():
                 trainer.ema[name].copy_(tensor)
         optim_state = {}
         for key, tensor in strip_prefix(state, "optim.").items():
@@ -254,7 +259,7 @@ class Trainer:
         trainer.optimizer.load_state_dict({"state": optim_state, "param_groups": groups})
         trainer.data_rng.set_state(state["rng.data"].clone())
         trainer.noise_rng.set_state(state["rng.noise"].clone())
-        trainer.step, trainer.losses = saved["step"], saved["losses"]
+        trainer.step, trainer.losses = progress["step"], progress["losses"]
         return trainer
 
 
