@@ -272,8 +272,9 @@ def test_latent_previews_stream_while_our_sampler_runs(lab):
 
 
 def _bridge_graph() -> dict:
-    """One prompt, six images of one seed: core's Flux (UNETLoader) under KSampler; our model's MODEL output under
-    KSampler; FluxKit Sampler (match = comfyui) on core's MODEL and on our own; core's LoRA loader on each model."""
+    """One prompt, images of one seed: core's Flux (UNETLoader) under KSampler; our model's MODEL output under KSampler;
+    FluxKit Sampler (match = comfyui) on core's MODEL and on our own; core's LoRA loader on each model; a reference
+    latent (core's ReferenceLatent, as Kontext uses) on each."""
     nodes = {
         "te": ("FluxKitTextEncoderLoader", {"clip_name1": "clip_l.safetensors", "clip_name2": "t5xxl_fp16.safetensors", "device": "default"}),
         "cond": ("FluxKitTextEncode", {"text_encoders": ["te", 0], "clip_l": "a fox", "t5xxl": "a photo of a fox", "guidance": 3.5, "t5_tokens": "comfyui"}),
@@ -296,9 +297,17 @@ def _bridge_graph() -> dict:
     nodes["ours_l"] = ("LoraLoaderModelOnly", {"model": ["ours", 1], "lora_name": "flux-mid-test-lora.safetensors", "strength_model": 1.0})
     nodes["fk_core"] = ("FluxKitSampler", {"model": ["core", 0], **ours_sampler})
     nodes["fk_ours"] = ("FluxKitSampler", {"model": ["ours", 0], **ours_sampler})
+    # Kontext-style reference latents from core's ReferenceLatent: one step each on core's model, ours, our sampler
+    nodes["pixels"] = ("LoadImage", {"image": "example.png"})
+    nodes["ref_latent"] = ("VAEEncode", {"pixels": ["pixels", 0], "vae": ["vae", 0]})
+    nodes["ref"] = ("ReferenceLatent", {"conditioning": ["g", 0], "latent": ["ref_latent", 0]})
+    for name in ("core", "ours"):
+        nodes[f"{name}_ref_ks"] = ("KSampler", {"model": [f"{name}_ms", 0], **sampling, "steps": 1, "positive": ["ref", 0]})
+    nodes["fk_ref"] = ("FluxKitSampler", {"model": ["core", 0], **ours_sampler, "steps": 1, "positive": ["ref", 0]})
     prompt = {k: {"class_type": c, "inputs": i} for k, (c, i) in nodes.items()}
     for name, latent in (("core", "core_ks"), ("ours", "ours_ks"), ("core_lora", "core_lora_ks"), ("ours_lora", "ours_lora_ks"),
-                         ("fk_core", "fk_core"), ("fk_ours", "fk_ours")):  # fmt: skip
+                         ("fk_core", "fk_core"), ("fk_ours", "fk_ours"), ("core_ref", "core_ref_ks"), ("ours_ref", "ours_ref_ks"),
+                         ("fk_ref", "fk_ref")):  # fmt: skip
         decode = ("FluxKitVAEDecode", {"samples": [latent, 0], "vae": ["vae", 0], "tiled": False, "tile_size": 512, "overlap": 64}) \
             if name == "fk_ours" else ("VAEDecode", {"samples": [latent, 0], "vae": ["vae", 0]})  # core's VAE in ours too
         prompt[f"{name}_img"] = {"class_type": decode[0], "inputs": decode[1]}
@@ -310,8 +319,11 @@ def test_graphs_mixing_core_and_our_nodes_reproduce_cores_image(lab):
     result = lab.run(_bridge_graph())
     errors = [m["data"].get("exception_message") for m in result["messages"] if m["type"] == "execution_error"]
     assert result["status"] == "success", errors
-    image = {name: lab.images(result, f"{name}_save")[0] for name in ("core", "ours", "core_lora", "ours_lora", "fk_core", "fk_ours")}
+    names = ("core", "ours", "core_lora", "ours_lora", "fk_core", "fk_ours", "core_ref", "ours_ref", "fk_ref")
+    image = {name: lab.images(result, f"{name}_save")[0] for name in names}
     for name in ("ours", "fk_core", "fk_ours"):  # KSampler on our MODEL, our sampler on core's MODEL and on ours
         assert np.abs(image[name] - image["core"]).max() <= 1, name
+    for name in ("ours_ref", "fk_ref"):  # reference latents placed as core places them
+        assert np.abs(image[name] - image["core_ref"]).max() <= 1, name
     assert np.abs(image["ours_lora"] - image["core_lora"]).max() <= 1  # core's LoRA loader patches our model by key
     assert np.abs(image["core_lora"] - image["core"]).max() > 1  # and the LoRA changes the image
