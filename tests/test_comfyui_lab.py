@@ -327,3 +327,33 @@ def test_graphs_mixing_core_and_our_nodes_reproduce_cores_image(lab):
         assert np.abs(image[name] - image["core_ref"]).max() <= 1, name
     assert np.abs(image["ours_lora"] - image["core_lora"]).max() <= 1  # core's LoRA loader patches our model by key
     assert np.abs(image["core_lora"] - image["core"]).max() > 1  # and the LoRA changes the image
+
+
+def test_core_ksampler_on_our_fill_and_canny_models_reads_our_image_conditioning(lab):
+    """Fill and Canny files through our loader's MODEL output: core's model_base.Flux concatenates the Fill (masked
+    image + mask) and control channels our conditioning nodes store, as our sampler does."""
+    prompt = {
+        "te": ("FluxKitTextEncoderLoader", {"clip_name1": "clip_l.safetensors", "clip_name2": "t5xxl_fp16.safetensors", "device": "default"}),
+        "cond": ("FluxKitTextEncode", {"text_encoders": ["te", 0], "clip_l": "apples", "t5xxl": "a bowl of apples", "guidance": 30.0, "t5_tokens": "comfyui"}),
+        "vae": ("FluxKitVAELoader", {"vae_name": "ae.safetensors"}),
+        "pixels": ("LoadImage", {"image": "example.png"}),
+        "fill_model": ("FluxKitModelLoader", {"unet_name": "flux1-fill-dev.safetensors", "weight_dtype": "default", "preset": "auto"}),
+        "canny_model": ("FluxKitModelLoader", {"unet_name": "flux1-canny-dev.safetensors", "weight_dtype": "default", "preset": "auto"}),
+        "fill": ("FluxKitFillConditioning", {"conditioning": ["cond", 0], "vae": ["vae", 0], "image": ["pixels", 0], "mask": ["pixels", 1]}),
+        "canny": ("FluxKitControlConditioning", {"conditioning": ["cond", 0], "vae": ["vae", 0], "control_image": ["pixels", 0]}),
+    }
+    for tool in ("fill", "canny"):
+        common = {"seed": 4, "steps": 2, "cfg": 1.0, "denoise": 1.0, "positive": [tool, 0], "latent_image": [tool, 1]}
+        prompt[f"{tool}_core"] = ("KSampler", {**common, "model": [f"{tool}_model", 1], "sampler_name": "euler", "scheduler": "simple", "negative": [tool, 0]})
+        prompt[f"{tool}_ours"] = ("FluxKitSampler", {**common, "model": [f"{tool}_model", 0], "guidance": 30.0, "max_shift": 1.15,
+                                                       "base_shift": 1.15, "match": "comfyui"})  # core's fixed shift, no ModelSamplingFlux  # fmt: skip
+    for latent in [k for k in prompt if k.endswith(("_core", "_ours"))]:
+        prompt[f"{latent}_img"] = ("FluxKitVAEDecode", {"samples": [latent, 0], "vae": ["vae", 0], "tiled": False, "tile_size": 512, "overlap": 64})
+        prompt[f"{latent}_save"] = ("SaveImage", {"images": [f"{latent}_img", 0], "filename_prefix": f"tools_{latent}"})
+    result = lab.run({k: {"class_type": c, "inputs": i} for k, (c, i) in prompt.items()})
+    errors = [m["data"].get("exception_message") for m in result["messages"] if m["type"] == "execution_error"]
+    assert result["status"] == "success", errors
+    for tool in ("fill", "canny"):
+        core, ours = lab.images(result, f"{tool}_core_save")[0], lab.images(result, f"{tool}_ours_save")[0]
+        assert np.abs(core - ours).max() <= 1, tool
+
