@@ -4,8 +4,13 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .ops import linear, onednn_inference
+from .ops import linear, needs_grad, onednn_inference
+
+# cuDNN's attention backward failed on an H200 (torch 2.11, seq2seq bf16 training: "mha_graph.execute ... is_good()")
+# for these (B, H, L, D) views of (B, L, H, D) tensors: training on CUDA takes flash / memory-efficient attention
+_TRAINING_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def island_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -67,8 +72,11 @@ def local_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """`attention` over the tokens of this process."""
     if onednn_inference(v, q, k):  # v carries the compute dtype; q, k are float32+
         return _cpu_attention(q, k, v)
-    x = F.scaled_dot_product_attention(*(t.to(v.dtype).transpose(1, 2) for t in (q, k, v)))
-    return x.transpose(1, 2).flatten(2)
+    q, k, v = (t.to(v.dtype).transpose(1, 2) for t in (q, k, v))
+    if v.is_cuda and needs_grad(q, k, v):
+        with sdpa_kernel(_TRAINING_BACKENDS):
+            return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
+    return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
 
 
 _MAX_SCORES = 2**26  # score elements per block (256 MB in float32)
