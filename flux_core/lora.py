@@ -9,8 +9,10 @@ Names, told apart per key (one file may mix them):
                   proj_mlp) of diffusers land on their rows of our fused qkv / linear1 weights
   XLabs           double_blocks.0.processor.qkv_lora1.down.weight (no alpha: scale 1)
 Changes: LoRA (strength * alpha / rank * up @ down), LyCORIS LoHa (hada_*) and LoKr (lokr_*) on Linear layers, full
-differences (.diff, .diff_b), a LoRA's lora_B.bias. CLIP-L parts (lora_te1_..., text_encoder., ...) patch the text
-encoders when they are given; T5 parts are reported, not applied.
+differences (.diff, .diff_b), a LoRA's lora_B.bias. BFL's control LoRAs (flux1-canny-dev-lora, flux1-depth-dev-lora)
+also widen img_in to 128 input channels (the control image's latent) and replace the QK norms' scales
+(...norm.query_norm.scale): the twin becomes a Canny/Depth model (params.in_channels 128). CLIP-L parts (lora_te1_...,
+text_encoder., ...) patch the text encoders when they are given; T5 parts are reported, not applied.
 
 The model given is never changed: the patched one is its `Flux.twin()`, sharing every tensor it does not change. A
 patched layer with float weights gets a merged copy (the change computed in float32, rounded once); an fp8 layer keeps
@@ -18,25 +20,30 @@ its LoRAs as a low-rank side path (ops.Linear lora_down / lora_up) and is never 
 change (LoHa, LoKr, diff) makes it a merged layer in the compute dtype.
 """
 import copy
+import dataclasses
 import os
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .checkpoint import CheckpointError, identify, load_safetensors, read_header, wrong_file_error
 from .conditioning import TextEncoders
 from .loading import _DIFFUSERS_DOUBLE, _DIFFUSERS_SINGLE, _DIFFUSERS_TOP
+from .layers import RMSNorm
 from .model import Flux
 from .ops import FP8_DTYPES, Linear
+from .tools import LATENT_TOKEN_CHANNELS
 
 # The stored name of an adapter part (after the module name) -> what it is.
 _PARTS = {
     "lora_A.weight": "down", "lora_down.weight": "down", "down.weight": "down",
     "lora_B.weight": "up", "lora_up.weight": "up", "up.weight": "up",
     "lora_B.bias": "up_bias", "lora_up.bias": "up_bias", "alpha": "alpha", "diff": "diff", "diff_b": "diff_b",
+    "scale": "set",  # an RMSNorm's whole scale, replacing the model's (BFL control LoRAs)
     **{p: p for p in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "lokr_w1", "lokr_w2", "lokr_w1_a",
                       "lokr_w1_b", "lokr_w2_a", "lokr_w2_b")},
 }  # fmt: skip
@@ -60,6 +67,7 @@ _XLABS_DOUBLE = {"qkv_lora1": "img_attn.qkv", "qkv_lora2": "txt_attn.qkv", "proj
 _NAMINGS = [("lora_unet_", "kohya"), ("lora_te", "kohya"), ("lora_transformer_", "OneTrainer"),
             ("lycoris_", "SimpleTuner LyCORIS"), ("text_encoder.", "diffusers/PEFT")]
 _WIDTHS = {3072: "FLUX.1 (3072 wide)", 6144: "FLUX.2 dev (6144 wide)", 1536: "SD3 medium (1536 wide)"}
+_TOOL_INPUTS = (128, 384)  # Canny/Depth, Fill: the img_in widths a LoRA may widen a plain model's img_in to
 
 Target = tuple[str, slice | None, bool]  # (layer, its output rows or None for all, halves swapped)
 
@@ -143,7 +151,7 @@ def _kind(parts: dict[str, Tensor]) -> str | None:
         return "LoKr"
     if has & {"diff", "diff_b"}:
         return "diff"
-    return None
+    return "norm scale" if "set" in has else None
 
 
 def _naming(module: str) -> str:
@@ -165,7 +173,8 @@ def flux_targets(model: Flux) -> dict[str, Target]:
     """Every name a LoRA may give a Linear of `model` -> (BFL layer, rows, halves swapped)."""
     p = model.params
     width, mlp = p.hidden_size, int(p.hidden_size * p.mlp_ratio)
-    names: dict[str, Target] = {n: (n, None, False) for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    layers = (n for n, m in model.named_modules() if isinstance(m, nn.Linear | RMSNorm))  # norms: control LoRAs' scales
+    names: dict[str, Target] = {n: (n, None, False) for n in layers}
 
     def diffusers(table: dict, bfl_prefix: str, prefix: str) -> None:
         for bfl, sources in table.items():
@@ -221,8 +230,10 @@ class _Change:
     bias: Tensor | None = None  # (rows,)
 
 
-def _shape(parts: dict[str, Tensor]) -> tuple[int, int | None]:
-    """(out, in) of the change an adapter makes (in None for a bias-only difference)."""
+def _shape(parts: dict[str, Tensor]) -> tuple[int, ...]:
+    """(out, in) of the change an adapter makes (in None for a bias-only difference); (dim,) of a norm scale."""
+    if "set" in parts:
+        return tuple(parts["set"].shape)
     if "down" in parts:
         return parts["up"].shape[0], parts["down"].flatten(1).shape[1]
     if "hada_w1_a" in parts:
@@ -276,12 +287,21 @@ def _change(parts: dict[str, Tensor], target: Target, strength: float, device, w
     return change
 
 
-def _patch(layer: Linear, adapters: list[tuple], compute_dtype: torch.dtype, merge: bool = True) -> str:
+def _patch(layer: Linear | RMSNorm, adapters: list[tuple], compute_dtype: torch.dtype, merge: bool = True) -> str:
     """Give `layer` (a twin's, never the base model's) its (parts, target, strength) adapters, computed here so that
-    one layer's changes at a time are in memory; returns how: "merged" or "side path"."""
+    one layer's changes at a time are in memory; returns how: "merged", "side path" or "replaced" (a norm scale)."""
+    if isinstance(layer, RMSNorm):  # as BFL's load_state_dict: the last LoRA's scale, whatever the strength
+        scale = layer.scale
+        layer.scale = nn.Parameter(adapters[-1][0]["set"].to(scale.device, scale.dtype), requires_grad=False)
+        return "replaced"
     weight = layer.weight
     work = torch.promote_types(torch.float32, compute_dtype)
     changes = [_change(parts, target, strength, weight.device, work) for parts, target, strength in adapters]
+    for c in changes:  # a plain LoRA's img_in on a control model: the control channels' columns unchanged
+        if c.down is not None and c.down.shape[1] < layer.in_features:
+            c.down = F.pad(c.down, (0, layer.in_features - c.down.shape[1]))
+        if c.dense is not None and c.dense.shape[1] < layer.in_features:
+            c.dense = F.pad(c.dense, (0, layer.in_features - c.dense.shape[1]))
     if any(c.bias is not None for c in changes):
         bias = layer.bias.to(work, copy=True) if layer.bias is not None else weight.new_zeros(layer.out_features, dtype=work)
         for c in (c for c in changes if c.bias is not None):
@@ -351,24 +371,48 @@ def _match(lora: Lora, flux_names: dict, clip_names: dict | None, report: LoraRe
     return flux, text
 
 
+def _wanted(layer: nn.Module, rows: slice | None) -> tuple[int, ...]:
+    """The shape a change to `layer` has: (out, in) of a Linear's rows, (dim,) of a norm's scale."""
+    if isinstance(layer, RMSNorm):
+        return tuple(layer.scale.shape)
+    return (layer.out_features if rows is None else len(range(layer.out_features)[rows]), layer.in_features)
+
+
+def _fits(got: tuple, wanted: tuple, layer_name: str) -> bool:
+    """A change fits its layer's shape; img_in also takes a LoRA for a plain model's 64 input channels on a tool model
+    (the tool's channels left alone) and one widening a plain model to a tool's input (see _widen)."""
+    if len(got) != len(wanted) or got[0] != wanted[0]:
+        return False
+    if len(got) == 1 or got[1] in (wanted[1], None):
+        return True
+    plain = LATENT_TOKEN_CHANNELS
+    return layer_name == "img_in" and (got[1] == plain or (wanted[1] == plain and got[1] in _TOOL_INPUTS))
+
+
 def _check_shapes(lora: Lora, root: nn.Module, matched: list, width: int) -> None:
     """Raise, naming the width the LoRA seems made for, when any change does not fit its layer."""
     mismatched = []
     for module, (layer_name, rows, _) in matched:
-        layer = root.get_submodule(layer_name)
-        wanted = (layer.out_features if rows is None else len(range(layer.out_features)[rows]), layer.in_features)
-        out, inp = _shape(lora.modules[module])
-        if out != wanted[0] or inp not in (wanted[1], None):
-            mismatched.append((layer_name, (out, inp), wanted))
-    if mismatched:
-        layer, got, wanted = mismatched[0]
-        widths = Counter(inp for _, (_, inp), _ in mismatched if inp)
-        seems = _WIDTHS.get(w := widths.most_common(1)[0][0], f"a model {w} wide") if widths else "another model"
+        got, wanted = _shape(lora.modules[module]), _wanted(root.get_submodule(layer_name), rows)
+        if not _fits(got, wanted, layer_name):
+            mismatched.append((layer_name, got, wanted))
+    if not mismatched:
+        return
+    layer, got, wanted = mismatched[0]
+    size = lambda shape: "x".join(map(str, shape))  # noqa: E731
+    if all(name == "img_in" and len(got) == 2 and got[0] == wanted[0] for name, got, wanted in mismatched):
         raise CheckpointError(
-            f"{lora.name} does not fit this model ({width} wide): {len(mismatched)} of its layers have other shapes "
-            f"(e.g. {layer}: LoRA {got[0]}x{got[1]}, model {wanted[0]}x{wanted[1]}); it seems made for {seems}. "
-            "Pick a LoRA made for this model."
+            f"{lora.name} does not fit this model's input: its img_in takes {got[1]} channels, the model's "
+            f"{wanted[1]}. Control LoRAs (Canny/Depth, 128 channels) go on a plain FLUX.1 dev (64); other LoRAs on a "
+            "model of their own kind."
         )
+    widths = Counter(got[1] for _, got, _ in mismatched if len(got) == 2 and got[1])
+    seems = _WIDTHS.get(w := widths.most_common(1)[0][0], f"a model {w} wide") if widths else "another model"
+    raise CheckpointError(
+        f"{lora.name} does not fit this model ({width} wide): {len(mismatched)} of its layers have other shapes "
+        f"(e.g. {layer}: LoRA {size(got)}, model {size(wanted)}); it seems made for {seems}. "
+        "Pick a LoRA made for this model."
+    )
 
 
 def apply_loras(
@@ -377,9 +421,11 @@ def apply_loras(
     """(patched twin of `model`, patched twin of `text_encoders` (or them as given), one report per LoRA).
 
     `loras`: (lora, strength_model, strength_clip), stacked in order; changes to one layer are summed in float32 and
-    rounded once. Strengths may be negative; 0 leaves the model exactly as it was. Every LoRA is checked against the
-    model before any work: one made for another model raises, naming it. `merge=False` keeps low-rank LoRAs as side
-    paths on float weights too: no merged copy of the patched layers (memory), two thin GEMMs more per layer (time).
+    rounded once. Strengths may be negative; 0 leaves the model exactly as it was. A control LoRA's low-rank part
+    scales with its strength; its norm scales (replacing the model's) and img_in's widening (zero columns) apply as
+    they are at any strength but 0. Every LoRA is checked against the model before any work: one made for another
+    model raises, naming it. `merge=False` keeps low-rank LoRAs as side paths on float weights too: no merged copy of
+    the patched layers (memory), two thin GEMMs more per layer (time).
     """
     flux_names, clip = flux_targets(model), None if text_encoders is None else text_encoders.clip
     clip_names = None if clip is None else clip_targets(clip)
@@ -400,7 +446,12 @@ def apply_loras(
         for plan, (matched, strength) in zip(adapters, parts):
             for module, target in matched if strength else ():  # strength 0: the base output exactly
                 plan[target[0]].append((lora.modules[module], target, strength))
+    inputs = {_shape(parts)[1] for parts, _, _ in adapters[0].get("img_in", ())}  # a control LoRA's is wider
+    if len(inputs := inputs - {model.params.in_channels, LATENT_TOKEN_CHANNELS}) > 1:
+        raise CheckpointError(f"these LoRAs widen img_in to {sorted(inputs)} channels: stack one control LoRA at most")
     twin = model.twin()
+    if inputs:
+        _widen(twin, inputs.pop())
     modes = {layer: _patch(twin.get_submodule(layer), a, dtypes[0], merge) for layer, a in adapters[0].items()}
     for lora, report, ((flux, _), _) in plans:
         report.modes = dict(Counter(modes[layer] for layer in {t[0] for _, t in flux} if layer in modes))
@@ -413,6 +464,19 @@ def apply_loras(
         _patch(clip_twin.get_submodule(layer), a, dtypes[1], merge)
     encoders = TextEncoders(clip_twin, t5_twin, text_encoders.clip_tokenizer, text_encoders.t5_tokenizer)
     return twin, encoders, [report for _, report, _ in plans]
+
+
+def _widen(model: Flux, in_channels: int) -> None:
+    """Make `model` (a twin) take a tool's `in_channels` (e.g. 128 for Canny/Depth): img_in gets new zero columns for
+    the extra channels (BFL's optionally_expand_state_dict), so only the control LoRA's change reads them."""
+    layer, extra = model.img_in, in_channels - model.img_in.in_features
+    wide = Linear(in_channels, layer.out_features, device="meta")
+    weight = layer.upcast(layer.weight, None, model.compute_dtype)[0]  # fp8 / GGUF: dequantised, plain from here
+    wide.weight, wide.bias = nn.Parameter(F.pad(weight, (0, extra)), requires_grad=False), layer.bias
+    if layer.lora_up is not None:  # a side path from a LoRA applied before reads the latent channels only
+        wide.lora_down, wide.lora_up = F.pad(layer.lora_down, (0, extra)), layer.lora_up
+    model.img_in, model.in_channels = wide, in_channels
+    model.params = dataclasses.replace(model.params, in_channels=in_channels)
 
 
 def _twin(module: nn.Module) -> nn.Module:
