@@ -51,7 +51,7 @@ def run_counting(tmp_path, *args) -> int:
 def test_bad_prefixes_are_refused_before_any_model_loads(tmp_path, capsys, prefix, message):
     assert run_counting(tmp_path, "--set", f"10.filename_prefix={prefix}") == 1
     err = capsys.readouterr().err
-    assert "node 10 (SaveImage) input 'filename_prefix': Custom validation failed" in err and message in err
+    assert "node 10 (SaveImage) input 'filename_prefix': filename_prefix" in err and message in err
     assert LOADS == []  # found at validation, before the loader ran
     assert not [p for p in tmp_path.rglob("*") if p.suffix in (".png", ".part")]
 
