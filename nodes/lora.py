@@ -18,7 +18,8 @@ class FluxKitLoraLoader:
         "PEFT (AI-Toolkit, SimpleTuner), XLabs, ComfyUI / BFL names, LyCORIS LoHa / LoKr and full-difference files, "
         "told apart by their keys. Chain several to stack them. The loaded model is left as it is (the output shares "
         "every weight the LoRA does not change); fp8 models keep the LoRA beside their fp8 weights, never rounded "
-        "into them. A LoRA made for another model (SD 1.5, SDXL, another width) is refused, naming it."
+        "into them. BFL's Canny / Depth control LoRAs make flux1-dev a control model (feed it Flux Control "
+        "Conditioning). A LoRA made for another model (SD 1.5, SDXL, another width) is refused, naming it."
     )
     CATEGORY = f"{CATEGORY}/loaders"
     RETURN_TYPES = (MODEL, TEXT_ENCODERS)
