@@ -42,8 +42,17 @@ def file_fingerprint(path: Path) -> tuple:
     return tuple((str(f), os.stat(f).st_mtime_ns, os.stat(f).st_size) for f in files)
 
 
+def tensor_bytes(value) -> int:
+    """Bytes of the tensors a loaded model holds (an nn.Module, or an object whose attributes are modules)."""
+    modules = [value] if isinstance(value, nn.Module) else [v for v in vars(value).values() if isinstance(v, nn.Module)]
+    tensors = {t.data_ptr(): t.nbytes for m in modules for t in (*m.parameters(), *m.buffers())}
+    return sum(tensors.values())
+
+
 class ModelCache:
-    """Keeps the last few loaded models so a re-run with unchanged loader inputs does not load again."""
+    """Keeps the last few loaded models so a re-run with unchanged loader inputs does not load again. On a CPU
+    ComfyUI server RAM is the device memory: each entry is listed with ComfyUI, so its Unload Models / POST /free
+    (and its own loads, when RAM is short) drop it from here."""
 
     def __init__(self, size: int = 2):
         self.size, self.entries = size, OrderedDict()
@@ -55,11 +64,18 @@ class ModelCache:
         value = load()
         self.entries[key] = value
         while len(self.entries) > self.size:
-            _, evicted = self.entries.popitem(last=False)
-            if isinstance(evicted, nn.Module):
-                streaming.unload(evicted)  # its GPU memory goes now, not when ComfyUI's caches let go of it
-            host.free_memory()
+            self.drop(next(iter(self.entries.values())))
+        if host.torch_device().type == "cpu":
+            host.share_with_comfyui(value, tensor_bytes, self.drop)
         return value
+
+    def drop(self, value) -> None:
+        """Forget `value` (ComfyUI's caches may still hold it until their next reset)."""
+        for key in [k for k, v in self.entries.items() if v is value]:
+            del self.entries[key]
+        if isinstance(value, nn.Module):
+            streaming.unload(value)  # its GPU memory goes now, not when ComfyUI's caches let go of it
+        host.free_memory()
 
 
 LOADED = ModelCache()

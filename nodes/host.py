@@ -257,8 +257,8 @@ class ComfyEntry:
 
 
 def share_with_comfyui(owner, loaded_bytes, release) -> None:
-    """List `owner` (placed on the GPU: loaded_bytes(owner) its GPU bytes now, release(owner) takes them off) among
-    ComfyUI's loaded models, once; held weakly. No-op outside ComfyUI."""
+    """List `owner` (on ComfyUI's device: loaded_bytes(owner) its bytes there now, release(owner) takes them off)
+    among ComfyUI's loaded models, once; held weakly. No-op outside ComfyUI."""
     mm = _comfy("comfy.model_management")
     if mm is not None and not any(isinstance(e, ComfyEntry) and e.real_model() is owner for e in mm.current_loaded_models):
         mm.current_loaded_models.insert(0, ComfyEntry(owner, mm.get_torch_device(), loaded_bytes, release))

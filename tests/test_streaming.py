@@ -208,6 +208,21 @@ def test_comfyui_unload_models_releases_our_placed_model(comfy):
     assert entry.real_model() is None and entry.model_memory() == 0  # held weakly
 
 
+def test_comfyui_unload_models_empties_our_cache_on_a_cpu_server(comfy):
+    from nodes.common import ModelCache, tensor_bytes
+
+    class Encoders:  # a loaded object holding modules, as TextEncoders
+        clip = None
+
+    cache, model, encoders = ModelCache(size=3), tiny_model(), Encoders()
+    encoders.clip = nn.Linear(4, 4)
+    assert cache.get("flux", lambda: model) is model and cache.get("text", lambda: encoders) is encoders
+    assert [e.model_memory() for e in comfy.current_loaded_models] == [tensor_bytes(encoders), tensor_bytes(model)]
+    assert tensor_bytes(model) == sum(t.nbytes for t in model.state_dict().values()) > 0
+    comfy.unload_all_models()  # POST /free on a `--cpu` server
+    assert not cache.entries and not comfy.current_loaded_models
+
+
 def test_evicting_a_cached_model_unloads_its_placement():
     from nodes.common import ModelCache
 
