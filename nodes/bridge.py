@@ -5,14 +5,22 @@ is a twin of our Flux (Flux.twin(): the very same tensors) that speaks ComfyUI's
 ModelSamplingFlux, LoraLoaderModelOnly (by key: our parameter names are BFL's, as core's) and ComfyUI's memory
 management work on it; ComfyUI's moves and LoRA patches replace the twin's tensors only, never those of the model our
 own nodes hold (which streaming and placement manage).
+`core_clip(encoders, device)` and `core_vae(ae)` are core's CLIP (comfy.text_encoders.flux) and VAE built on the meta
+device and then assigned our tensors (new Parameter objects, the same memory): core's CLIPTextEncodeFlux, VAEDecode...
+run core's code on our weights. Where core's modules cannot take our tensors (scaled fp8 / GGUF text encoders, an AE
+of another size) the output is an `Unavailable`, which says so when a core node uses it.
 Core -> ours: `token_model` gives our sampler any Flux MODEL (ours, or core's comfy.ldm.flux Flux) after ComfyUI loads
 it with its patches; `encode` and `decode`/`encode_image` run core CLIP / VAE objects as core's own nodes do.
 ComfyUI is imported here lazily: these functions are reached only with ComfyUI objects, i.e. inside ComfyUI.
 """
 import importlib
+import json
 import weakref
 from dataclasses import replace
+from pathlib import Path
 
+import flux_core.autoencoder
+import flux_core.gguf
 import flux_core.model
 import flux_core.sampling
 import flux_core.tools
@@ -99,6 +107,80 @@ class TokenModel(nn.Module):
 
     def forward(self, *args, **kwargs):
         return self._forward(*args, **kwargs)
+
+
+class Unavailable:
+    """A core output that cannot share our weights: using it (any attribute) names the reason and the fix."""
+
+    def __init__(self, reason: str):
+        self._reason = reason
+
+    def __getattr__(self, name):
+        raise AttributeError(self._reason)
+
+
+def _misfit(module: nn.Module, state: dict) -> str | None:
+    """The first parameter of core's (meta) `module` that `state` lacks or shapes otherwise, or None."""
+    own = module.state_dict()
+    wrong = [k for k in own if k not in state or state[k].shape != own[k].shape] + [k for k in state if k not in own]
+    return wrong[0] if wrong else None
+
+
+def _unshareable(encoder: nn.Module) -> str | None:
+    """Why core's ops cannot run `encoder`'s weights as they are, or None."""
+    for module in encoder.modules():
+        if isinstance(module, flux_core.gguf.GGUFLinear):
+            return "GGUF"
+        if getattr(module, "weight_scale", None) is not None:
+            return "scaled fp8"
+    return None
+
+
+def core_clip(encoders, device: torch.device):
+    """ComfyUI's Flux CLIP (comfy.text_encoders.flux, sized from our configs) over our CLIP-L and T5, running on
+    `device`: built on the meta device, then assigned our tensors. An Unavailable for scaled fp8 / GGUF encoders."""
+    kind = _unshareable(encoders.clip) or _unshareable(encoders.t5)
+    if kind is not None:
+        return Unavailable(f"{kind} text encoders have no core CLIP in FluxKit: for core nodes, load them with "
+                           "DualCLIPLoader (type flux)")
+    mm, sd, flux = _comfy("comfy.model_management"), _comfy("comfy.sd"), _comfy("comfy.text_encoders.flux")
+    configs = {}
+    jsons = {"clip_l": (encoders.clip, "sd1_clip_config.json"), "t5xxl": (encoders.t5, "text_encoders/t5_config_xxl.json")}
+    for name, (model, core_json) in jsons.items():
+        core_keys = json.loads((Path(sd.__file__).parent / core_json).read_text())  # the sizes core's config fixes
+        configs[f"{name}_model_config"] = {k: v for k, v in model.config.to_dict().items() if k in core_keys}
+    dtype = encoders.t5.shared.weight.dtype  # our compute dtype (core's ops upcast fp8 T5 linears per call too)
+    target = _comfy("comfy.supported_models_base").ClipTarget(flux.FluxTokenizer, flux.flux_clip(dtype_t5=dtype))
+    options = {"dtype": dtype, "load_device": device, "offload_device": mm.text_encoder_offload_device(),
+               "initial_device": torch.device("meta"), **configs}  # fmt: skip
+    clip = sd.CLIP(target, model_options=options)
+    net = clip.cond_stage_model
+    width = net.clip_l.transformer.text_projection.in_features
+    state = {
+        **{"clip_l.transformer.text_model." + k.removeprefix("text_model."): v for k, v in encoders.clip.state_dict().items()},
+        **{"t5xxl.transformer." + k: v for k, v in encoders.t5.state_dict().items() if k != "encoder.embed_tokens.weight"},  # = shared
+        # core's parameters that Flux does not use (CLIP-L's pooled output is taken unprojected): small, real values
+        "clip_l.logit_scale": torch.tensor(4.6055), "t5xxl.logit_scale": torch.tensor(4.6055),
+        "clip_l.transformer.text_projection.weight": torch.eye(width, dtype=dtype),
+    }  # fmt: skip
+    misfit = _misfit(net, state)
+    if misfit is not None:
+        return Unavailable(f"core's Flux CLIP does not fit these text encoders ({misfit}): for core nodes, load them with "
+                           "DualCLIPLoader")
+    net.load_state_dict(state, assign=True)  # new Parameter objects on our memory: core's moves and patches stay core's
+    return clip
+
+
+def core_vae(ae):
+    """ComfyUI's VAE over our AE (the same BFL parameter names): built on the meta device, then assigned our tensors.
+    An Unavailable for AEs of other sizes (core's VAE fixes the Flux AE's)."""
+    if ae.params != flux_core.autoencoder.AutoEncoderParams.flux():
+        return Unavailable("core's VAE takes the full-size Flux AE only: decode this one with Flux VAE Decode (FluxKit)")
+    state = ae.state_dict()
+    with torch.device("meta"):  # core picks its architecture from the keys and shapes
+        vae = _comfy("comfy.sd").VAE(sd={k: v.to("meta") for k, v in state.items()}, device=ae.device, dtype=ae.dtype)
+    vae.first_stage_model.load_state_dict(state, assign=True)
+    return vae
 
 
 def token_model(model):

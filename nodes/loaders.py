@@ -92,9 +92,13 @@ class FluxKitTextEncoderLoader:
         "diffusers text_encoder folders. The tokenizers are ComfyUI's, else the copy shipped with the pack."
     )
     CATEGORY = f"{CATEGORY}/loaders"
-    RETURN_TYPES = (TEXT_ENCODERS,)
-    RETURN_NAMES = ("text_encoders",)
-    OUTPUT_TOOLTIPS = ("CLIP-L and T5-XXL with their tokenizers, for the FluxKit text encode node.",)
+    RETURN_TYPES = (TEXT_ENCODERS, "CLIP")
+    RETURN_NAMES = ("text_encoders", "CLIP")
+    OUTPUT_TOOLTIPS = (
+        "CLIP-L and T5-XXL with their tokenizers, for the FluxKit text encode node.",
+        "The same weights (no copy) as ComfyUI's Flux CLIP, for core nodes: CLIPTextEncodeFlux, CLIPTextEncode... "
+        "(not for scaled fp8 or GGUF T5 files: load those with DualCLIPLoader).",
+    )
     FUNCTION = "load"
 
     @classmethod
@@ -141,15 +145,19 @@ class FluxKitTextEncoderLoader:
             paths[0], paths[1], tokenizer_dirs=host.tokenizer_dirs(), comfy_root=host.comfy_root(),
             dtype=compute_dtype(run_device, None), device=host.offload_device(),
         ))  # fmt: skip
-        return (TextEncodersOn(encoders, run_device),)
+        ours = TextEncodersOn(encoders, run_device)
+        return (ours, bridge.core_clip(encoders, run_device) if host.in_comfyui() else ours)
 
 
 class FluxKitVAELoader:
     DESCRIPTION = "Loads the Flux autoencoder (ae.safetensors, or a diffusers vae folder) from models/vae."
     CATEGORY = f"{CATEGORY}/loaders"
-    RETURN_TYPES = (VAE,)
-    RETURN_NAMES = ("vae",)
-    OUTPUT_TOOLTIPS = ("The 16-channel Flux autoencoder.",)
+    RETURN_TYPES = (VAE, "VAE")
+    RETURN_NAMES = ("vae", "VAE")
+    OUTPUT_TOOLTIPS = (
+        "The 16-channel Flux autoencoder.",
+        "The same weights (no copy) as ComfyUI's VAE, for core nodes: VAEDecode, VAEEncode, InpaintModelConditioning...",
+    )
     FUNCTION = "load"
 
     @classmethod
@@ -168,7 +176,8 @@ class FluxKitVAELoader:
         path = host.model_path("vae", vae_name)
         device = host.torch_device()
         key = ("vae", file_fingerprint(path), str(device))
-        return (LOADED.get(key, lambda: load_autoencoder(path, dtype=compute_dtype(device, None), device=device)),)
+        ae = LOADED.get(key, lambda: load_autoencoder(path, dtype=compute_dtype(device, None), device=device))
+        return (ae, bridge.core_vae(ae) if host.in_comfyui() else ae)
 
 
 NODE_CLASS_MAPPINGS = {

@@ -2,7 +2,8 @@
 official-layout files, the pack linked as "Flux Kit.v2", the server started from the folder above ComfyUI as the
 portable build starts it): ComfyUI's own loader imports the pack, /object_info lists its nodes, the templates are
 served, every shipped API workflow runs through POST /prompt and saves a PNG, Stop ends a run within a step, latent
-previews stream, and graphs mixing core and FluxKit nodes reproduce core's image. Skipped where ../shared is absent.
+previews stream, graphs mixing core and FluxKit nodes reproduce core's image, and our loaders' core outputs share
+our tensors. Skipped where ../shared is absent.
 
 The lab lives in $FLUXKIT_LAB (default ~/.cache/fluxkit-comfy-lab): the first build takes minutes, later ones reuse it.
 """
@@ -191,6 +192,8 @@ def test_object_info_lists_our_nodes_with_core_types(lab, our_nodes):
     info = json.loads(lab.get("/object_info"))
     assert set(our_nodes) <= set(info)
     assert info["FluxKitModelLoader"]["output"] == ["FLUXKIT_MODEL", "MODEL"]
+    assert info["FluxKitTextEncoderLoader"]["output"] == ["FLUXKIT_TEXT_ENCODERS", "CLIP"]
+    assert info["FluxKitVAELoader"]["output"] == ["FLUXKIT_VAE", "VAE"]
     assert info["FluxKitSampler"]["input"]["required"]["model"][0] == "FLUXKIT_MODEL,MODEL"
     assert "comfyui" in info["FluxKitSampler"]["input"]["optional"]["match"][0]
     # registered with folder_paths: found although the server runs from the folder above ComfyUI
@@ -358,3 +361,80 @@ def test_core_ksampler_on_our_fill_and_canny_models_reads_our_image_conditioning
         core, ours = lab.images(result, f"{tool}_core_save")[0], lab.images(result, f"{tool}_ours_save")[0]
         assert np.abs(core - ours).max() <= 1, tool
 
+
+
+def test_core_nodes_on_our_text_encoders_and_vae_reproduce_cores_image(lab):
+    """Our text encoders' CLIP output under core's CLIPTextEncodeFlux, our VAE's VAE output under core's VAEDecode and
+    VAEEncode: the images of our text encode (t5_tokens comfyui: core's encoding, as core's DualCLIPLoader cannot load
+    the tiny encoders) and of core's VAELoader (ae-full: core's VAE has the real AE's shape)."""
+    text = {"clip_l": "a fox", "t5xxl": "a photo of a fox", "guidance": 3.5}
+    sampling = {"seed": 9, "steps": 2, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0,
+                "model": ["ms", 0], "negative": ["zero", 0], "latent_image": ["latent", 0]}  # fmt: skip
+    nodes = {
+        "te": ("FluxKitTextEncoderLoader", {"clip_name1": "clip_l.safetensors", "clip_name2": "t5xxl_fp16.safetensors", "device": "default"}),
+        "ours_cond": ("FluxKitTextEncode", {"text_encoders": ["te", 0], **text, "t5_tokens": "comfyui"}),
+        "core_cond": ("CLIPTextEncodeFlux", {"clip": ["te", 1], **text}),
+        "zero": ("ConditioningZeroOut", {"conditioning": ["core_cond", 0]}),
+        "latent": ("EmptySD3LatentImage", {"width": 64, "height": 48, "batch_size": 1}),
+        "unet": ("UNETLoader", {"unet_name": "flux1-dev-mid.safetensors", "weight_dtype": "default"}),
+        "ms": ("ModelSamplingFlux", {"model": ["unet", 0], "max_shift": 1.15, "base_shift": 0.5, "width": 64, "height": 48}),
+        "ours_ks": ("KSampler", {**sampling, "positive": ["ours_cond", 0]}),
+        "core_ks": ("KSampler", {**sampling, "positive": ["core_cond", 0]}),
+        "vae": ("VAELoader", {"vae_name": "ae-full.safetensors"}),
+        "our_vae": ("FluxKitVAELoader", {"vae_name": "ae-full.safetensors"}),
+        "pixels": ("LoadImage", {"image": "example.png"}),
+        "core_enc": ("VAEEncode", {"pixels": ["pixels", 0], "vae": ["vae", 0]}),
+        "ours_enc": ("VAEEncode", {"pixels": ["pixels", 0], "vae": ["our_vae", 1]}),
+    }
+    images = {"text": ("ours_ks", "vae"), "clip": ("core_ks", "vae"), "clip_vae": ("core_ks", "our_vae"),
+              "core_enc": ("core_enc", "vae"), "ours_enc": ("ours_enc", "vae")}  # fmt: skip
+    for name, (latent, vae) in images.items():
+        nodes[f"{name}_img"] = ("VAEDecode", {"samples": [latent, 0], "vae": [vae, 1 if vae == "our_vae" else 0]})
+        nodes[f"{name}_save"] = ("SaveImage", {"images": [f"{name}_img", 0], "filename_prefix": f"te_vae_{name}"})
+    result = lab.run({k: {"class_type": c, "inputs": i} for k, (c, i) in nodes.items()})
+    errors = [m["data"].get("exception_message") for m in result["messages"] if m["type"] == "execution_error"]
+    assert result["status"] == "success", errors
+    image = {name: lab.images(result, f"{name}_save")[0] for name in images}
+    assert np.abs(image["clip"] - image["text"]).max() <= 1  # core's text encode on our CLIP-L and T5
+    assert np.abs(image["clip_vae"] - image["clip"]).max() <= 1  # core's decode on our AE
+    assert np.abs(image["ours_enc"] - image["core_enc"]).max() <= 1  # core's encode on our AE
+
+
+SHARED_WEIGHTS = r"""
+import asyncio, json, sys
+pack = sys.argv[1]; sys.argv = ['main.py', '--cpu']; sys.path.insert(0, '.')
+import comfy.options; comfy.options.enable_args_parsing(); import nodes
+assert asyncio.run(nodes.load_custom_node(pack))
+ours = {n: nodes.NODE_CLASS_MAPPINGS[n]() for n in ("FluxKitTextEncoderLoader", "FluxKitVAELoader")}
+text, clip = ours["FluxKitTextEncoderLoader"].load("clip_l.safetensors", "t5xxl_fp16.safetensors", "default")
+ae, vae = ours["FluxKitVAELoader"].load("ae-full.safetensors")
+tiny_ae, tiny_vae = ours["FluxKitVAELoader"].load("ae.safetensors")
+params = lambda *modules: [p for m in modules for p in m.parameters()]
+ptrs = lambda ps: {p.data_ptr() for p in ps}
+ids = lambda ps: {id(p) for p in ps}
+our_te, core_te = params(text.encoders.clip, text.encoders.t5), params(clip.cond_stage_model)
+our_ae, core_ae = params(ae), params(vae.first_stage_model)
+print(json.dumps({
+    "types": [type(clip).__module__ + "." + type(clip).__name__, type(vae).__module__ + "." + type(vae).__name__],
+    "te_shared": ptrs(our_te) <= ptrs(core_te), "te_extra": len(ptrs(core_te) - ptrs(our_te)),
+    "te_own_params": not ids(our_te) & ids(core_te),
+    "ae_shared": ptrs(our_ae) == ptrs(core_ae), "ae_own_params": not ids(our_ae) & ids(core_ae),
+    "tiny_vae": [hasattr(tiny_vae, "decode"), str(getattr(tiny_vae, "_reason", ""))],
+}))
+"""
+
+
+def test_our_clip_and_vae_outputs_share_our_tensors(lab):
+    """Inside ComfyUI (the lab's, in-process): the CLIP and VAE outputs are core's classes over our very tensors (no
+    copy), through their own Parameter objects (ComfyUI's moves and patches replace core's, never ours); an AE core's
+    VAE cannot take gives an output that says so when used."""
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "OMP_NUM_THREADS": "1"}
+    env.pop("PYTHONPATH", None)
+    done = subprocess.run([str(lab.root / "venv" / "bin" / "python"), "-c", SHARED_WEIGHTS, str(lab.comfy / "custom_nodes" / PACK_NAME)],
+                          cwd=lab.comfy, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    assert got["types"] == ["comfy.sd.CLIP", "comfy.sd.VAE"]
+    assert got["te_shared"] and got["te_extra"] == 3  # core's own: two logit scales and CLIP-L's unused projection
+    assert got["ae_shared"] and got["te_own_params"] and got["ae_own_params"]
+    assert got["tiny_vae"] == [False, "core's VAE takes the full-size Flux AE only: decode this one with Flux VAE Decode (FluxKit)"]

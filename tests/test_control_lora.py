@@ -166,8 +166,8 @@ def test_nodes_apply_the_control_lora_and_sample_with_a_control_image(pack, mode
     model = node(pack, "FluxKitModelLoader").load("flux1-dev.safetensors", "default")[0]
     (models / "loras").mkdir(exist_ok=True)
     save_file(control_lora(model), str(models / "loras" / "flux1-canny-dev-lora.safetensors"))
-    (encoders,) = node(pack, "FluxKitTextEncoderLoader").load("clip_l.safetensors", "t5xxl_fp16.safetensors", "default")
-    (vae,) = node(pack, "FluxKitVAELoader").load("ae.safetensors")
+    encoders = node(pack, "FluxKitTextEncoderLoader").load("clip_l.safetensors", "t5xxl_fp16.safetensors", "default")[0]
+    vae = node(pack, "FluxKitVAELoader").load("ae.safetensors")[0]
     (positive,) = node(pack, "FluxKitTextEncode").encode(encoders, "a cat", "a photo of a cat", 3.5, "512")
     canny, _ = node(pack, "FluxKitLoraLoader").apply(model, "flux1-canny-dev-lora.safetensors", 1.0)
     sampler = node(pack, "FluxKitSampler").sample

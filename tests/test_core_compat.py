@@ -95,7 +95,7 @@ def test_match_comfyui_uses_the_table_and_one_generator(pack, dev):
 
 
 def test_text_encode_comfyui_pads_to_256_and_cuts_nothing(pack, models):
-    (encoders,) = node(pack, "FluxKitTextEncoderLoader").load("clip_l.safetensors", "t5xxl_fp16.safetensors", "cpu")
+    encoders = node(pack, "FluxKitTextEncoderLoader").load("clip_l.safetensors", "t5xxl_fp16.safetensors", "cpu")[0]
     encode = node(pack, "FluxKitTextEncode").encode
     assert encode(encoders, "cat", "a cat", 3.5, "comfyui")[0][0][0].shape[1] == 256
     assert encode(encoders, "cat", "a cat", 3.5, "512")[0][0][0].shape[1] == 512

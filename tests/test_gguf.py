@@ -251,7 +251,7 @@ def test_nodes_list_and_run_gguf_flux_and_t5(gguf_models):
     latents, models = [], []
     for model_name, t5_name in (("flux1-dev-Q4_K_S.gguf", "t5-Q8_0.gguf"), ("flux1-dev.safetensors", "t5.safetensors")):
         model = nodes["FluxKitModelLoader"]().load(model_name, "default")[0]
-        (encoders,) = nodes["FluxKitTextEncoderLoader"]().load("clip_l.safetensors", t5_name, "default")
+        encoders = nodes["FluxKitTextEncoderLoader"]().load("clip_l.safetensors", t5_name, "default")[0]
         (positive,) = nodes["FluxKitTextEncode"]().encode(encoders, "a cat", "a photo of a cat", 3.5, "512")
         (latent,) = nodes["FluxKitEmptyLatent"]().generate(64, 48, 1)
         latents.append(nodes["FluxKitSampler"]().sample(model, positive, latent, 1, 2, 3.5, 1.0, 1.15, 0.5, 1.0)[0])

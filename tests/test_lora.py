@@ -436,7 +436,7 @@ def lora_models(models, pack):  # noqa: F811
     from test_nodes import node
 
     model = node(pack, "FluxKitModelLoader").load("flux1-dev.safetensors", "default")[0]
-    (encoders,) = node(pack, "FluxKitTextEncoderLoader").load("clip_l.safetensors", "t5xxl_fp16.safetensors", "cpu")
+    encoders = node(pack, "FluxKitTextEncoderLoader").load("clip_l.safetensors", "t5xxl_fp16.safetensors", "cpu")[0]
     (models / "loras").mkdir(exist_ok=True)
     save_file({**kohya_lora(model), **clip_lora(encoders.encoders, kohya=True)}, str(models / "loras" / "flux_lora.safetensors"))
     return models, model, encoders

@@ -86,8 +86,8 @@ def test_text_to_image_and_image_to_image_through_the_nodes(pack, models):
     model = node(pack, "FluxKitModelLoader").load("flux1-dev.safetensors", "default")[0]
     again = node(pack, "FluxKitModelLoader").load("flux1-dev.safetensors", "default")[0]
     assert again is model  # unchanged inputs reuse the loaded model
-    (encoders,) = node(pack, "FluxKitTextEncoderLoader").load("clip_l.safetensors", "t5xxl_fp16.safetensors", "default")
-    (vae,) = node(pack, "FluxKitVAELoader").load("ae.safetensors")
+    encoders = node(pack, "FluxKitTextEncoderLoader").load("clip_l.safetensors", "t5xxl_fp16.safetensors", "default")[0]
+    vae = node(pack, "FluxKitVAELoader").load("ae.safetensors")[0]
     (positive,) = node(pack, "FluxKitTextEncode").encode(encoders, "a cat", "a photo of a cat", 3.5, "512")
     txt, extras = positive[0]
     assert txt.shape == (1, 512, 32) and extras["pooled_output"].shape == (1, 64) and extras["guidance"] == 3.5
@@ -115,7 +115,7 @@ def test_text_to_image_and_image_to_image_through_the_nodes(pack, models):
 def test_text_encoders_load_without_comfyui_or_a_tokenizers_folder(pack, models):
     """Headless, with neither ComfyUI's tokenizers nor models/tokenizers, the pack's own copy serves."""
     assert "folder_paths" not in sys.modules and not (models / "tokenizers").exists()
-    (loaded,) = node(pack, "FluxKitTextEncoderLoader").load("clip_l.safetensors", "t5xxl_fp16.safetensors", "cpu")
+    loaded = node(pack, "FluxKitTextEncoderLoader").load("clip_l.safetensors", "t5xxl_fp16.safetensors", "cpu")[0]
     clip, t5 = loaded.encoders.clip_tokenizer, loaded.encoders.t5_tokenizer
     assert clip.name_or_path == str(REPO / "flux_core" / "tokenizers" / "clip_l")
     assert clip(CAT)["input_ids"] == [49406, 320, 1125, 539, 320, 2368, 49407]

@@ -68,8 +68,8 @@ def test_tool_workflow_runs_headless(name, pack, tool_models, inputs, tmp_path):
 
 @pytest.fixture(scope="module")
 def loaded(pack, tool_models):  # noqa: F811
-    (encoders,) = node(pack, "FluxKitTextEncoderLoader").load("clip_l.safetensors", "t5xxl_fp16.safetensors", "default")
-    (vae,) = node(pack, "FluxKitVAELoader").load("ae.safetensors")
+    encoders = node(pack, "FluxKitTextEncoderLoader").load("clip_l.safetensors", "t5xxl_fp16.safetensors", "default")[0]
+    vae = node(pack, "FluxKitVAELoader").load("ae.safetensors")[0]
     (positive,) = node(pack, "FluxKitTextEncode").encode(encoders, "a cat", "a photo of a cat", 3.5, "512")
     unets = {n: node(pack, "FluxKitModelLoader").load(f"flux1-{n}-dev.safetensors", "default")[0] for n in ("kontext", "fill", "canny")}
     return encoders, vae, positive, unets
