@@ -1,4 +1,5 @@
 """Shared node plumbing: categories, custom type names, weight dtypes, and the loaded-model cache."""
+import logging
 import os
 from collections import OrderedDict
 from contextlib import contextmanager
@@ -12,6 +13,7 @@ from torch import nn
 
 from . import host
 
+log = logging.getLogger(__name__)
 CATEGORY = "FluxKit"
 MODEL = "FLUXKIT_MODEL"
 TEXT_ENCODERS = "FLUXKIT_TEXT_ENCODERS"
@@ -73,6 +75,7 @@ class ModelCache:
         """Forget `value` (ComfyUI's caches may still hold it until their next reset)."""
         for key in [k for k, v in self.entries.items() if v is value]:
             del self.entries[key]
+            log.info("FluxKit: unloaded %s (%.2f GB)", type(value).__name__, tensor_bytes(value) / 1e9)
         if isinstance(value, nn.Module):
             streaming.unload(value)  # its GPU memory goes now, not when ComfyUI's caches let go of it
         host.free_memory()

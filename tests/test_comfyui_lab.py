@@ -7,6 +7,7 @@ our tensors. Skipped where ../shared is absent.
 
 The lab lives in $FLUXKIT_LAB (default ~/.cache/fluxkit-comfy-lab): the first build takes minutes, later ones reuse it.
 """
+import contextlib
 import importlib
 import json
 import os
@@ -160,7 +161,8 @@ def lab():
         subprocess.run([str(root / "venv" / "bin" / "python"), "-c", EXTRA_MODELS, str(root / "ComfyUI")], env=extra, check=True, timeout=600)
         yield Lab(root, f"http://127.0.0.1:{port}")
     finally:
-        os.kill(pid, 15)
+        with contextlib.suppress(ProcessLookupError):  # a server that died already
+            os.kill(pid, 15)
 
 
 @pytest.fixture(scope="session")
@@ -265,6 +267,23 @@ def test_stop_ends_a_run_within_a_step(lab):
     result = lab.run(prompt, on_progress=stop)
     assert result["status"] == "interrupted"
     assert seen and max(seen) <= seen[0] + 1 < 400  # the step running when Stop came was the last
+
+
+def test_free_releases_our_cached_models(lab):
+    """POST /free (ComfyUI's "Unload Models" / "Free model and node cache") on this `--cpu` server empties our cache."""
+    prompt = _tiny(json.loads((REPO / "workflows" / "api" / "flux_dev_txt2img.json").read_text()))
+    assert lab.run(prompt)["status"] == "success"
+
+    def released() -> int:
+        return (lab.root / "server.log").read_text().count("FluxKit: unloaded")
+
+    before = released()
+    lab.post("/free", {"unload_models": True, "free_memory": True})
+    for _ in range(600):  # the prompt worker takes the flags between prompts
+        if released() > before:
+            break
+        time.sleep(0.1)
+    assert released() > before, (lab.root / "server.log").read_text()[-1500:]
 
 
 def test_latent_previews_stream_while_our_sampler_runs(lab):
