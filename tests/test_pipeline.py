@@ -2,12 +2,11 @@
 import numpy as np
 import pytest
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
 
-from flux_core.model import Flux
 from flux_core.pipeline import Conditioning, empty_latent, generate, latent_from_raw, latent_to_raw, sample, seeded_noise
 from flux_core.sampling import FlowMatch, check_latent, get_noise, get_schedule, pack, shift_mu
-from tiny_flux import bfl_to_diffusers, diffusers_config, random_weights, tiny_params
+from tiny_flux import diffusers_pair, tiny_params
 
 
 def dynamic_scheduler() -> FlowMatchEulerDiscreteScheduler:
@@ -35,12 +34,7 @@ def test_schnell_schedule_is_unshifted_linear(steps):
 
 def tiny_pair(guidance: bool):
     params = tiny_params(guidance=guidance)
-    weights = random_weights(params, seed=3)
-    ours = Flux(params).eval()
-    ours.load_state_dict(weights)
-    ref = FluxTransformer2DModel(**{k: v for k, v in diffusers_config(params).items() if not k.startswith("_")})
-    ref.load_state_dict(bfl_to_diffusers(weights))
-    return params, ours, ref.eval()
+    return params, *diffusers_pair(params, seed=3)
 
 
 @pytest.mark.parametrize("guidance", [True, False], ids=["dev", "schnell"])

@@ -1,12 +1,10 @@
 """FLUX.1 Tools and Kontext: each mode against diffusers' pipeline with the same weights, noise and schedule, the id
 layout and the mask folding in closed form, and the errors for inputs that do not fit the model."""
-import numpy as np
 import pytest
 import torch
-from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
 
 from flux_core.autoencoder import AutoEncoder
-from flux_core.model import Flux
 from flux_core.pipeline import Conditioning, empty_latent, sample
 from flux_core.sampling import pack
 from flux_core.tools import (
@@ -14,7 +12,7 @@ from flux_core.tools import (
     reference_ids,
 )  # fmt: skip
 from tiny_ae import bfl_to_diffusers_vae, diffusers_vae_config, random_ae_weights, tiny_ae_params
-from tiny_flux import bfl_to_diffusers, diffusers_config, random_weights, tiny_params
+from tiny_flux import diffusers_pair, tiny_params
 from tiny_tools import tiny_siglip_config, write_redux, write_siglip
 
 WIDTH, HEIGHT, STEPS = 64, 48, 3
@@ -22,12 +20,7 @@ WIDTH, HEIGHT, STEPS = 64, 48, 3
 
 def transformer_pair(in_channels: int):
     params = tiny_params(in_channels=in_channels)
-    weights = random_weights(params, seed=5)
-    ours = Flux(params).eval()
-    ours.load_state_dict(weights)
-    ref = FluxTransformer2DModel(**{k: v for k, v in diffusers_config(params).items() if not k.startswith("_")})
-    ref.load_state_dict(bfl_to_diffusers(weights))
-    return params, ours, ref.eval()
+    return params, *diffusers_pair(params, seed=5)
 
 
 @pytest.fixture(scope="module")

@@ -122,6 +122,18 @@ def diffusers_config(params: FluxParams) -> dict:
     }  # fmt: skip
 
 
+def diffusers_pair(params: FluxParams, seed: int) -> tuple[Flux, torch.nn.Module]:
+    """Our Flux and diffusers' FluxTransformer2DModel holding the same random weights (evaluation mode)."""
+    from diffusers import FluxTransformer2DModel
+
+    weights = random_weights(params, seed=seed)
+    ours = Flux(params).eval()
+    ours.load_state_dict(weights)
+    ref = FluxTransformer2DModel(**{k: v for k, v in diffusers_config(params).items() if not k.startswith("_")})
+    ref.load_state_dict(bfl_to_diffusers(weights))
+    return ours, ref.eval()
+
+
 def diffusers_component_folder(folder, component: str, config: dict, pipeline: bool) -> Path:
     """The folder a diffusers component's weights go in, made, with its config.json: `folder` itself, or with
     `pipeline` its `component`/ subfolder beside a model_index.json."""
