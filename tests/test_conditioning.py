@@ -9,8 +9,6 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from tiny_text import (
-    CLIP_PREFIX,
-    T5_PREFIX,
     clip_weights,
     t5_weights,
     tiny_clip_config,

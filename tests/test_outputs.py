@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from test_nodes import load_pack_as
 from test_runner import cli, runnable_ui
-from test_workflow import FAKE_NODES, REPO, Loader, load
+from test_workflow import FAKE_NODES, Loader, load
 
 standins = load("standins")
 workflow = load("workflow")

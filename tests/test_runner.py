@@ -275,7 +275,7 @@ def test_missing_tokenizers_are_found_with_the_files_before_any_loading(pack, tm
     assert pack_module(pack, "runner").main(args) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: the workflow is not valid:\n")
-    assert f"node 2 (FluxKitTextEncoderLoader) input 'clip_name1': No CLIP-L tokenizer found (a folder with " in err
+    assert "node 2 (FluxKitTextEncoderLoader) input 'clip_name1': No CLIP-L tokenizer found (a folder with " in err
     assert f"{tmp_path / 'nowhere'} (no such folder)" in err and len(err.splitlines()) == 2  # one line
     assert not (tmp_path / "out").exists()
 
