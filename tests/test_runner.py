@@ -291,7 +291,7 @@ def test_symlinked_model_files_are_listed_validated_and_loaded(pack, tmp_path):
     assert host.model_list("vae") == ["ae.safetensors"]  # the dangling link is not offered
     loader = pack.NODE_CLASS_MAPPINGS["FluxKitVAELoader"]
     assert loader.VALIDATE_INPUTS("ae.safetensors") is True
-    (vae,) = loader().load("ae.safetensors")
+    vae = loader().load("ae.safetensors")[0]
     assert sum(p.numel() for p in vae.parameters()) > 0
     assert "'gone.safetensors' not found" in loader.VALIDATE_INPUTS("gone.safetensors")
     with pytest.raises(ValueError, match="must be a plain name inside the vae folder"):
