@@ -6,7 +6,8 @@ Names, told apart per key (one file may mix them):
   kohya           lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight + .alpha; OneTrainer's
                   lora_transformer_<diffusers name>, SimpleTuner's lycoris_<diffusers name>
   diffusers/PEFT  transformer.transformer_blocks.0.attn.to_q.lora_A.weight: the separate q, k, v (and single-block
-                  proj_mlp) of diffusers land on their rows of our fused qkv / linear1 weights
+                  proj_mlp) of diffusers land on their rows of our fused qkv / linear1 weights; without .alpha keys,
+                  the file's PEFT config (safetensors metadata "lora_adapter_metadata": lora_alpha, alpha_pattern)
   XLabs           double_blocks.0.processor.qkv_lora1.down.weight (no alpha: scale 1)
 Changes: LoRA (strength * alpha / rank * up @ down), LyCORIS LoHa (hada_*) and LoKr (lokr_*) on Linear layers, full
 differences (.diff, .diff_b), a LoRA's lora_B.bias. BFL's control LoRAs (flux1-canny-dev-lora, flux1-depth-dev-lora)
@@ -21,13 +22,16 @@ change (LoHa, LoKr, diff) makes it a merged layer in the compute dtype.
 """
 import copy
 import dataclasses
+import json
 import os
+import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from torch import Tensor, nn
 
 from .checkpoint import CheckpointError, identify, load_safetensors, read_header, wrong_file_error
@@ -110,11 +114,30 @@ def read_lora(path: str | os.PathLike) -> Lora:
     keys = read_header(path)[0]
     if (kind := identify(keys)) != "lora":
         raise wrong_file_error(path, kind, "a LoRA")
-    return parse_lora(load_safetensors(path), path.name)
+    with safe_open(str(path), "pt") as f:
+        raw = (f.metadata() or {}).get("lora_adapter_metadata")
+    try:
+        peft_config = json.loads(raw) if raw else None
+    except ValueError as err:
+        raise CheckpointError(f"{path.name}: its lora_adapter_metadata is not JSON ({err})") from None
+    return parse_lora(load_safetensors(path), path.name, peft_config)
 
 
-def parse_lora(state_dict: dict[str, Tensor], name: str = "LoRA") -> Lora:
-    """Group keys into adapters: "<module>.<part>" where part is e.g. lora_down.weight, alpha, hada_w1_a."""
+def peft_alpha(module: str, config: dict) -> float | None:
+    """lora_alpha of a diffusers/PEFT `module` ("transformer.transformer_blocks.0.attn.to_q") from the PEFT config
+    diffusers saves: keys bare (one model's) or prefixed by the component ("transformer.lora_alpha"); alpha_pattern
+    entries override by module-name suffix, as PEFT matches them."""
+    component, _, name = module.partition(".")
+    own = {k[len(component) + 1 :]: v for k, v in config.items() if k.startswith(f"{component}.")} or config
+    for pattern, alpha in (own.get("alpha_pattern") or {}).items():
+        if re.fullmatch(rf"(.*\.)?{pattern}", name):
+            return float(alpha)
+    return None if own.get("lora_alpha") is None else float(own["lora_alpha"])
+
+
+def parse_lora(state_dict: dict[str, Tensor], name: str = "LoRA", peft_config: dict | None = None) -> Lora:
+    """Group keys into adapters: "<module>.<part>" where part is e.g. lora_down.weight, alpha, hada_w1_a.
+    `peft_config`: the file's PEFT config, whose lora_alpha scales adapters stored without .alpha."""
     modules, keys, stray = defaultdict(dict), defaultdict(list), {}
     for key, tensor in state_dict.items():
         module, part = _split(key)
@@ -128,6 +151,8 @@ def parse_lora(state_dict: dict[str, Tensor], name: str = "LoRA") -> Lora:
         if module in dora or _kind(parts) is None:
             stray.update(dict.fromkeys(keys.pop(module), "DoRA is not supported" if module in dora else "incomplete adapter"))
             del modules[module]
+        elif peft_config and "alpha" not in parts and (alpha := peft_alpha(module, peft_config)) is not None:
+            parts["alpha"] = torch.tensor(alpha)
     return Lora(name, dict(modules), dict(keys), stray)
 
 

@@ -144,9 +144,10 @@ def xlabs_lora(rank: int = 4, seed: int = 1) -> dict:
     return state
 
 
-def peft_lora(rank: int = 4, alpha: float | None = None) -> dict:
+def peft_lora(rank: int = 4, alpha: float | None = None, peft_config: dict | None = None) -> dict:
     """diffusers/PEFT names written by peft itself: LoRA on every Linear of diffusers' transformer (separate q, k, v,
-    proj_mlp, norm_out with its halves swapped), random B; with `alpha`, per-module .alpha keys as some trainers add."""
+    proj_mlp, norm_out with its halves swapped), random B; with `alpha`, per-module .alpha keys as some trainers add;
+    `peft_config` (LoraConfig's lora_alpha, alpha_pattern) gets PEFT's whole config filled in, as diffusers saves it."""
     from diffusers import FluxTransformer2DModel
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
@@ -157,8 +158,11 @@ def peft_lora(rank: int = 4, alpha: float | None = None) -> dict:
     targets = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out", "proj_mlp",
                "proj_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "norm1.linear",
                "norm1_context.linear", "norm.linear", "norm_out.linear", "x_embedder", "context_embedder", "linear_1", "linear_2"]  # fmt: skip
-    transformer.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=targets, init_lora_weights=False))
+    settings = {"lora_alpha": rank, **(peft_config or {})}
+    transformer.add_adapter(LoraConfig(r=rank, target_modules=targets, init_lora_weights=False, **settings))
     state = {f"transformer.{k}": v.detach().clone() for k, v in get_peft_model_state_dict(transformer).items()}
+    if peft_config is not None:
+        peft_config.update(transformer.peft_config["default"].to_dict())
     if alpha is not None:
         state.update({k.replace(".lora_A.weight", ".alpha"): torch.tensor(alpha) for k in list(state) if ".lora_A." in k})
     return state
@@ -183,6 +187,21 @@ def test_matches_diffusers_load_lora_weights(fmt, base, flux_path, tmp_path, req
     assert (expected - plain).abs().max() > 0.05 * plain.abs().max()  # the LoRA moves the output
     # float64 models; diffusers scales kohya's float32 tensors by alpha / rank in float32 before using them
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-6 * expected.abs().max().item())
+
+
+def test_peft_config_saved_in_the_file_sets_the_scale(base, flux_path, tmp_path):
+    """diffusers writes PEFT's config (lora_alpha, alpha_pattern) into the file's metadata and no .alpha keys."""
+    config = {"lora_alpha": 10.0, "alpha_pattern": {"proj_mlp": 1.0}}
+    state = peft_lora(peft_config=config)
+    config = {f"transformer.{k}": sorted(v) if isinstance(v, set) else v for k, v in config.items()}
+    path = tmp_path / "peft-config.safetensors"
+    save_file(state, str(path), metadata={"format": "pt", "lora_adapter_metadata": json.dumps(config)})
+    strength = 0.7
+    patched, _, (report,) = apply_loras(base, [(read_lora(path), strength, 1.0)])
+    expected = reference_output(flux_path, path, strength)
+    unscaled = run(apply_loras(base, [(parse_lora(state), strength, 1.0)])[0])  # the config ignored: alpha = rank
+    assert not report.skipped and (unscaled - expected).abs().max() > 0.05 * expected.abs().max()
+    torch.testing.assert_close(run(patched), expected, rtol=0, atol=1e-6 * expected.abs().max().item())
 
 
 # --- closed forms -----------------------------------------------------------------------------------------------------
