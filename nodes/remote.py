@@ -19,7 +19,7 @@ import uuid
 from pathlib import Path
 
 from . import host
-from .standins import inside, preview_dir, write_new
+from .standins import expand_dates, inside, preview_dir, write_new
 from .workflow import NodeDefs, WorkflowError, format_errors, parse_json
 
 MAX_SERVER_JSON = 64 * 2**20  # /object_info of an install with many packs is large
@@ -204,7 +204,8 @@ class Server:
         except OSError as e:
             raise RemoteError(f"cannot open the websocket {ws_url}: {e}") from None
         try:
-            body = {"prompt": prompt, "client_id": client_id, "extra_data": {"extra_pnginfo": extra_pnginfo}}
+            body = {"prompt": _as_the_editor_queues(prompt), "client_id": client_id,
+                    "extra_data": {"extra_pnginfo": extra_pnginfo}}  # fmt: skip
             answer = self._json("/prompt", body)
             prompt_id = answer.get("prompt_id")
             if not isinstance(prompt_id, str):
@@ -247,6 +248,17 @@ class Server:
             raise RemoteError(f"downloading {name} from {self.base}: HTTP {e.code} {e.reason}") from None
         except http.client.HTTPException as e:  # the body broke off
             raise RemoteError(f"downloading {name} from {self.base}: {type(e).__name__}: {str(e)[:100]!r}") from None
+
+
+def _as_the_editor_queues(prompt: dict) -> dict:
+    """The prompt with %date:FORMAT% in filename prefixes expanded, as ComfyUI's editor queues it."""
+    out = {}
+    for node_id, node in prompt.items():
+        inputs = node.get("inputs") if isinstance(node, dict) else None
+        if isinstance(inputs, dict) and isinstance(inputs.get("filename_prefix"), str):
+            node = {**node, "inputs": {**inputs, "filename_prefix": expand_dates(inputs["filename_prefix"])}}
+        out[node_id] = node
+    return out
 
 
 def _error_lines(error, node_errors) -> list[str]:

@@ -113,11 +113,17 @@ def _format_date(fmt: str, now: time.struct_time) -> str:
     return _DATE_PART.sub(part, fmt)
 
 
+def expand_dates(prefix: str, now: time.struct_time | None = None) -> str:
+    """%date:FORMAT% expanded, as ComfyUI's editor does before queueing (its server does not)."""
+    now = now or time.localtime()
+    return re.sub(r"%date:([^%]*)%", lambda m: _format_date(m.group(1), now), prefix)
+
+
 def _expand(prefix: str, width: int, height: int) -> str:
-    """ComfyUI's filename variables: the server's %width%, %height%, %year% ... %second%, and %date:FORMAT%, which
-    ComfyUI's editor expands before queueing (so headless runs do it here)."""
+    """ComfyUI's filename variables: the server's %width%, %height%, %year% ... %second%, and the editor's
+    %date:FORMAT% (headless runs have no editor to expand it)."""
     now = time.localtime()
-    prefix = re.sub(r"%date:([^%]*)%", lambda m: _format_date(m.group(1), now), prefix)
+    prefix = expand_dates(prefix, now)
     values = {"width": width, "height": height, "year": now.tm_year, "month": f"{now.tm_mon:02}", "day": f"{now.tm_mday:02}",
               "hour": f"{now.tm_hour:02}", "minute": f"{now.tm_min:02}", "second": f"{now.tm_sec:02}"}  # fmt: skip
     for key, value in values.items():

@@ -5,6 +5,7 @@ import hashlib
 import io
 import json
 import queue
+import re
 import threading
 import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -204,6 +205,13 @@ def test_server_mode_submits_follows_and_downloads(tmp_path, capsys):
     captured = capsys.readouterr()
     assert captured.out.split() == [str(out / "test_00001_.png"), str(out / "test_00002_.png")]
     assert "running node 7 (Sampler)" in captured.err and "3/3" in captured.err
+
+
+def test_server_mode_expands_dates_in_filename_prefixes_as_the_editor(tmp_path):
+    with FakeComfy("success") as fake:
+        assert server_cli(tmp_path, fake, sample_ui(), "--set", "10.filename_prefix=%date:yyyy-MM-dd%/x") == 0
+    prefix = fake.posted[0]["prompt"]["10"]["inputs"]["filename_prefix"]
+    assert re.fullmatch(r"\d{4}-\d{2}-\d{2}/x", prefix), prefix  # ComfyUI's server would make a "%date..." folder
 
 
 def test_server_refusal_reports_node_errors(tmp_path, capsys):
