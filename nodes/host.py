@@ -272,10 +272,14 @@ def check_interrupt() -> None:
 
 
 class _TerminalProgress:
+    """A step bar on stderr; under torchrun only rank 0's (the runner prints one combined report)."""
+
     def __init__(self, total: int):
-        self.total = total
+        self.total, self.shown = total, os.environ.get("RANK", "0") == "0"
 
     def update_absolute(self, value: int, total: int | None = None, preview=None) -> None:
+        if not self.shown:
+            return
         total = total or self.total
         width = 30
         done = int(width * value / max(total, 1))

@@ -197,3 +197,14 @@ def test_generate_turns_a_prompt_into_images_without_comfyui(models):
     again = generate(model, ae, text, ["a cat", "a dog"], width=64, height=32, steps=2, seed=3)
     torch.testing.assert_close(again[0], images[0], atol=1e-5, rtol=0)  # same prompt, same seed
     assert (again[1] - images[1]).abs().max() > 1e-4  # other prompt
+
+
+@pytest.mark.parametrize("rank, shown", [(None, True), ("0", True), ("1", False)])
+def test_step_bar_is_printed_by_one_rank_only(pack, monkeypatch, capsys, rank, shown):
+    host = sys.modules[f"{pack.__name__}.nodes.host"]
+    if rank is None:
+        monkeypatch.delenv("RANK", raising=False)
+    else:
+        monkeypatch.setenv("RANK", rank)  # torchrun's
+    host.progress_bar(4).update_absolute(4)
+    assert ("4/4" in capsys.readouterr().err) == shown
