@@ -16,7 +16,7 @@ from flux_core.tools import (
 
 from . import host
 from .common import CATEGORY, LOADED, VAE, compute_dtype, file_fingerprint
-from .vae import FluxKitVAEEncode
+from .vae import FluxKitVAEEncode, crop16
 
 REDUX = "FLUXKIT_REDUX"
 REDUX_FILE, SIGLIP_FILE = "flux1-redux-dev.safetensors", "sigclip_vision_patch14_384.safetensors"
@@ -48,14 +48,6 @@ def _with(conditioning, **values):
 
 def _encode(vae, pixels) -> torch.Tensor:
     return FluxKitVAEEncode().encode(pixels, vae)[0]["samples"]
-
-
-def _crop16(images: torch.Tensor) -> torch.Tensor:
-    """(B, H, W, ...) cropped to multiples of 16 (as the VAE encode node), refusing images under 16 px."""
-    height, width = images.shape[1] // 16 * 16, images.shape[2] // 16 * 16
-    if not height or not width:
-        raise ValueError(f"image of {images.shape[2]}x{images.shape[1]} is smaller than 16x16 pixels")
-    return images[:, :height, :width]
 
 
 class FluxKitKontextReference:
@@ -121,7 +113,7 @@ class FluxKitFillConditioning:
                 + ("; Load Image gives an empty 64x64 mask for an image without alpha: paint one in the mask editor"
                    if mask.shape[-2:] == (64, 64) and not mask.any() else "")
             )  # fmt: skip
-        image, mask = _crop16(image), _crop16(mask)
+        image, mask = crop16(image), crop16(mask)
         blanked = (masked_image(image.movedim(-1, 1)[:, :3] * 2 - 1, mask).movedim(1, -1) + 1) / 2
         conditioning = _with(conditioning, concat_latent_image=_encode(vae, blanked), concat_mask=mask[:, None])
         return conditioning, {"samples": _encode(vae, image)}

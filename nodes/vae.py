@@ -8,6 +8,14 @@ from . import bridge
 from .common import CATEGORY, VAE
 
 
+def crop16(images: torch.Tensor) -> torch.Tensor:
+    """(B, H, W, ...) cropped to multiples of 16 (the AE and 2x2 packing need them); under 16 px is refused."""
+    height, width = images.shape[1] // 16 * 16, images.shape[2] // 16 * 16
+    if not height or not width:
+        raise ValueError(f"image of {images.shape[2]}x{images.shape[1]} is smaller than 16x16 pixels")
+    return images[:, :height, :width]
+
+
 class FluxKitVAEDecode:
     DESCRIPTION = "Decodes a Flux latent to an image. Tiled decoding bounds memory for large images (2048 px and up)."
     CATEGORY = f"{CATEGORY}/latent"
@@ -57,12 +65,10 @@ class FluxKitVAEEncode:
 
     @torch.inference_mode()
     def encode(self, pixels, vae):
-        height, width = pixels.shape[1] // 16 * 16, pixels.shape[2] // 16 * 16
-        if not height or not width:
-            raise ValueError(f"image of {pixels.shape[2]}x{pixels.shape[1]} is smaller than 16x16 pixels")
+        pixels = crop16(pixels)
         if bridge.is_core(vae):
-            return ({"samples": bridge.encode_image(vae, pixels[:, :height, :width]).float().cpu()},)
-        image = from_unit_images(pixels[:, :height, :width]).to(vae.device, vae.dtype)
+            return ({"samples": bridge.encode_image(vae, pixels).float().cpu()},)
+        image = from_unit_images(pixels).to(vae.device, vae.dtype)
         return ({"samples": vae.encode(image, scaled=False).float().cpu()},)
 
 
