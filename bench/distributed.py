@@ -150,6 +150,24 @@ def bench_step(model: Flux, shape: dict, size: int, device: torch.device, repeat
         return timed(lambda: model(**inputs), device, repeats)
 
 
+def profile_step(folder: str | None, model: Flux, shape: dict, size: int, device: torch.device, label: str) -> None:
+    """Kernel time by kind of one forward (bench/gpu_profile.py's table) against its wall time: the gap is time
+    the GPU waited (on the CPU launching kernels, or on the other ranks)."""
+    if not folder:
+        return
+    from bench.gpu_profile import kernel_split
+
+    inputs = forward_inputs(model, shape, size, device)
+    with torch.inference_mode():
+        sync(device)
+        start = time.perf_counter()
+        model(**inputs)
+        sync(device)
+        print(f"[{label}] wall {(time.perf_counter() - start) * 1e3:.1f} ms (unprofiled)", flush=True)
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        kernel_split(lambda: model(**inputs), device, Path(folder), label)
+
+
 def all_to_all_cost(model: Flux, shape: dict, size: int, device: torch.device, repeats: int) -> tuple[float, float]:
     """(MiB each rank sends per step, seconds) of one sequence-parallel forward's all_to_all_single calls, run alone
     on buffers of the sizes Shards.attention exchanges."""
@@ -183,6 +201,8 @@ def main() -> None:
     parser.add_argument("--small", action="store_true", help="tiny shapes on the CPU with gloo")
     parser.add_argument("--only", nargs="*", default=["train", "images", "sp"], help="train, images, sp")
     parser.add_argument("--json", help="write the results here (rank 0)")
+    parser.add_argument("--compile", action="store_true", help="compile_blocks() on both sides of the image runs")
+    parser.add_argument("--profile", help="also profile one step of each one-image run; kernel tables to this folder")
     args = parser.parse_args()
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     cpu = args.small or not torch.cuda.is_available()
@@ -195,9 +215,9 @@ def main() -> None:
     dtype = torch.float32 if cpu else torch.bfloat16
     single = {}
     if rank == 0:  # one device alone, before the others join
-        single = measure(args.only, shape, device, dtype, rank=0, world=1)
+        single = measure(args, shape, device, dtype, rank=0, world=1)
     dist.init_process_group("gloo" if cpu else "nccl", timeout=datetime.timedelta(hours=2))
-    together = measure(args.only, shape, device, dtype, rank, world)
+    together = measure(args, shape, device, dtype, rank, world)
     rows = report(single, together, world) if rank == 0 else None
     if rank == 0:
         device_name = "CPU" if cpu else torch.cuda.get_device_name(device)
@@ -210,12 +230,14 @@ def main() -> None:
     dist.destroy_process_group()
 
 
-def measure(only: list[str], shape: dict, device: torch.device, dtype: torch.dtype, rank: int, world: int) -> dict:
-    results = {}
+def measure(args, shape: dict, device: torch.device, dtype: torch.dtype, rank: int, world: int) -> dict:
+    results, only = {}, args.only
     if "train" in only:
         results["train"] = bench_train(shape, device)
     if "images" in only or "sp" in only:
         model = random_flux(shape["flux"], device, dtype)
+        if args.compile:
+            model.compile_blocks()
         if "images" in only:
             seconds, latents = bench_images(model, shape, device, rank, world)
             if world > 1:
@@ -226,9 +248,11 @@ def measure(only: list[str], shape: dict, device: torch.device, dtype: torch.dty
         for size in shape["sizes"] if "sp" in only else ():
             if world == 1:
                 results[f"sp {size}"] = bench_step(model, shape, size, device, shape["repeats"])
+                profile_step(args.profile, model, shape, size, device, f"sp{size}_1rank")
             else:
                 with parallel.sequence_parallel():
                     seconds, out = bench_step(model, shape, size, device, shape["repeats"])
+                    profile_step(args.profile, model, shape, size, device, f"sp{size}_{world}ranks_rank{rank}")
                 cost = all_to_all_cost(model, shape, size, device, shape["repeats"])
                 results[f"sp {size}"] = (seconds, out, cost)
     return results

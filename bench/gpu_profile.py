@@ -26,7 +26,7 @@ from flux_core.model import Flux, preset  # noqa: E402
 from flux_core.ops import enable_fp8_matmul  # noqa: E402
 from flux_core.sampling import image_ids, text_ids  # noqa: E402
 
-KERNEL_KINDS = (("attention", r"flash|fmha|sdpa"), ("gemm", r"gemm|nvjet|xmma|cutlass|sm90|Kernel2"))
+KERNEL_KINDS = (("attention", r"flash|fmha|sdpa"), ("nccl", r"nccl"), ("gemm", r"gemm|nvjet|xmma|cutlass|sm90|Kernel2"))
 
 
 def timed_ms(fn, device: torch.device, repeats: int = 10) -> float:
