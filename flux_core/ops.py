@@ -75,11 +75,14 @@ class Linear(nn.Linear):
     the loader for "scaled fp8" files) multiplies the upcast weight. With `fp8_matmul` (see enable_fp8_matmul) a
     float8_e4m3fn weight instead feeds a GPU's fp8 matrix units as it is (`fp8_linear`), for bfloat16 inputs. With matching dtypes this is
     exactly F.linear. `rows` selects output features (a slice of the weight's rows), `gelu` applies GELU (tanh).
-    A low-rank side path (`lora_down` (R, in), `lora_up` (out, R), non-persistent buffers; see flux_core.lora) adds
-    x @ down^T @ up^T to the output before the GELU: a LoRA on a weight that must not be re-rounded (fp8).
+    A LoRA on a weight that must not be re-rounded (fp8, GGUF) is kept as `lora_down` (R, in) and `lora_up` (out, R)
+    (non-persistent buffers in the compute dtype; see flux_core.lora), applied per call: added into the weight this
+    call upcasts anyway, in the compute dtype (see merges_lora), or as a side path adding x @ down^T @ up^T to the
+    output before the GELU.
     """
 
     fp8_matmul = False
+    merge_lora_per_call = True  # False: always the side path (bench/lora.py and the tests compare the two)
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -91,17 +94,39 @@ class Linear(nn.Linear):
         weight, bias = self.weight, self.bias
         if rows is not None:
             weight, bias = weight[rows], None if bias is None else bias[rows]
-        fused_gelu = gelu and self.lora_up is None  # a side path joins before the activation
+        up = None if self.lora_up is None else (self.lora_up if rows is None else self.lora_up[rows]).to(x.dtype)
+        down = None if self.lora_down is None else self.lora_down.to(x.dtype)  # stored in the compute dtype: no copy
+        side = up is not None  # a side path joins before the activation
         if self.fp8_matmul and x.is_cuda and x.dtype == torch.bfloat16 and not needs_grad(x, weight):
-            out = fp8_linear(x, weight, self.weight_scale, None if bias is None else bias.to(x.dtype), fused_gelu)
+            out = fp8_linear(x, weight, self.weight_scale, None if bias is None else bias.to(x.dtype), gelu and not side)
         else:
-            out = linear(x, *self.upcast(weight, bias, x.dtype), gelu=fused_gelu)
-        if self.lora_up is None:
+            merge = side and self.merges_lora(x, weight, gelu)  # asked of the stored weight, before the upcast
+            weight, bias = self.upcast(weight, bias, x.dtype)
+            if merge:  # into this call's own weight, never the stored one; one GEMM
+                weight.addmm_(up, down)
+            side = side and not merge
+            out = linear(x, weight, bias, gelu=gelu and not side)
+        if not side:
             return out
-        up = self.lora_up if rows is None else self.lora_up[rows]
-        hidden = linear(x, self.lora_down.to(x.dtype))  # (..., R): two thin GEMMs, the second adding in place
-        out.view(-1, out.shape[-1]).addmm_(hidden.reshape(-1, hidden.shape[-1]), up.to(x.dtype).t())
+        hidden = linear(x, down)  # (..., R): two thin GEMMs, the second adding in place
+        out.view(-1, out.shape[-1]).addmm_(hidden.reshape(-1, hidden.shape[-1]), up.t())
         return F.gelu(out, approximate="tanh") if gelu else out
+
+    def merges_lora(self, x: Tensor, weight: Tensor, gelu: bool) -> bool:
+        """Whether this call adds its LoRA into the weight (stored `weight`, its rows) instead of the side path.
+
+        Only where upcast makes a new tensor anyway (stored narrower: fp8, GGUF blocks), outside autograd, and where
+        it moves fewer bytes: adding up @ down into the (out, in) weight reads and writes it once, 2·out·in
+        elements; the side path reads x and reads and writes the output (twice with the GELU it unfuses),
+        tokens·(in + 2·out or 4·out). At 1024 px (4096 image tokens, 4608 in single blocks) the image stream's
+        attention and MLP layers merge; the text stream (512 tokens) and the modulations (1 token) keep the side
+        path. A weight stored in the compute dtype keeps it always: merging would first copy the whole weight
+        (4·out·in), a win only for the GELU layers, at a weight-sized allocation per call.
+        """
+        if not self.merge_lora_per_call or weight.dtype == x.dtype or needs_grad(x, weight, self.lora_down, self.lora_up):
+            return False
+        tokens, out_features = x.numel() // x.shape[-1], weight.shape[0]
+        return 2 * out_features * self.in_features < tokens * (self.in_features + (4 if gelu else 2) * out_features)
 
     def forward_concat(self, parts: tuple[Tensor, ...]) -> Tensor:
         """self(torch.cat(parts, -1)). On CUDA without the concatenated copy: one GEMM per part, each taking its
