@@ -100,8 +100,8 @@ class RandomPairs:
         return dict(name=self.name, cond_len=self.cond_len, data_len=self.data_len, width=self.width)
 
 
-def bench_train(shape: dict, device: torch.device) -> tuple[float, list[float]]:
-    """Seconds per optimizer step (median after one) and the loss curve."""
+def bench_train(shape: dict, device: torch.device, profile: str | None, label: str) -> tuple[float, list[float]]:
+    """Seconds per optimizer step (median after one) and the loss curve; with `profile`, one more step profiled."""
     cond_len, data_len = shape["tokens"]
     width = shape["width"]
     params = preset("seq2seq-points", in_channels=width, out_channels=width, vec_in_dim=0, context_in_dim=width,
@@ -110,7 +110,13 @@ def bench_train(shape: dict, device: torch.device) -> tuple[float, list[float]]:
                          bf16=device.type == "cuda")  # fmt: skip
     trainer = Trainer(params, RandomPairs(cond_len, data_len, width), config, device=device)
     seconds, _ = timed(trainer.train_step, device, shape["train_steps"])
-    return seconds, trainer.losses
+    losses = list(trainer.losses)
+    if profile:
+        from bench.gpu_profile import kernel_split
+
+        Path(profile).mkdir(parents=True, exist_ok=True)
+        kernel_split(trainer.train_step, device, Path(profile), label)
+    return seconds, losses
 
 
 def prompt(shape: dict, device: torch.device, dtype: torch.dtype) -> Conditioning:
@@ -233,7 +239,7 @@ def main() -> None:
 def measure(args, shape: dict, device: torch.device, dtype: torch.dtype, rank: int, world: int) -> dict:
     results, only = {}, args.only
     if "train" in only:
-        results["train"] = bench_train(shape, device)
+        results["train"] = bench_train(shape, device, args.profile, f"train_{world}ranks_rank{rank}")
     if "images" in only or "sp" in only:
         model = random_flux(shape["flux"], device, dtype)
         if args.compile:

@@ -92,26 +92,26 @@ class Shards:
         batch, length, heads, dim = v.shape
         if heads % self.world:
             raise ValueError(f"sequence parallel needs the head count ({heads}) divisible by the ranks ({self.world})")
-        local = heads // self.world
+        local, total = heads // self.world, sum(self.sizes)
         # One buffer for the exchange: v's dtype, which the attention computes in, unless the CPU path wants
-        # float32 q, k (then v rides along in float32, exactly, and is cast back).
+        # float32 q, k (then v rides along in float32, exactly, and is cast back). Laid out (destination, token, ...)
+        # so that each rank receives its whole sequence as (L, 3, B, h, D) in rank order: no concatenation after.
         dtype = torch.float32 if onednn_inference(v, q, k) else v.dtype
-        qkv = torch.stack([t.to(dtype) for t in (q, k, v)])  # (3, B, L_r, H, D)
-        send = qkv.view(3, batch, length, self.world, local, dim).permute(3, 0, 1, 2, 4, 5).contiguous()
-        received = send.new_empty(3 * batch * sum(self.sizes) * local * dim)
+        send = v.new_empty(self.world, length, 3, batch, local, dim, dtype=dtype)
+        for i, t in enumerate((q, k, v)):  # one strided copy each, casting on the way
+            send[:, :, i] = t.view(batch, length, self.world, local, dim).permute(2, 1, 0, 3, 4)
+        received = send.new_empty(total, 3, batch, local, dim)
         per_token = 3 * batch * local * dim
-        dist.all_to_all_single(received, send.view(-1), [n * per_token for n in self.sizes],
+        dist.all_to_all_single(received.view(-1), send.view(-1), [n * per_token for n in self.sizes],
                                [length * per_token] * self.world, group=self.group)  # fmt: skip
-        chunks = received.split([n * per_token for n in self.sizes])
-        qkv = torch.cat([c.view(3, batch, n, local, dim) for c, n in zip(chunks, self.sizes)], dim=2)  # (3, B, L, h, D)
-        out = flux_math.local_attention(qkv[0], qkv[1], qkv[2].to(v.dtype)).view(batch, -1, local, dim)  # (B, L, h, D)
-        send = torch.cat([o.reshape(-1) for o in out.split(self.sizes, dim=1)])  # by destination: its tokens
-        received = send.new_empty(self.world * batch * length * local * dim)
+        q, k, v_all = received.permute(1, 2, 0, 3, 4)  # each (B, L, h, D), strided views
+        out = flux_math.local_attention(q, k, v_all.to(v.dtype))  # (B, L, h*D)
+        send = out.transpose(0, 1).contiguous()  # (L, B, h*D): each rank's tokens one slice (a view when B = 1)
+        received = send.new_empty(self.world, length, batch, local * dim)
         per_token = batch * local * dim
-        dist.all_to_all_single(received, send, [length * per_token] * self.world,
+        dist.all_to_all_single(received.view(-1), send.view(-1), [length * per_token] * self.world,
                                [n * per_token for n in self.sizes], group=self.group)  # fmt: skip
-        heads_out = received.view(self.world, batch, length, local, dim).permute(1, 2, 0, 3, 4)  # (B, L_r, W, h, D)
-        return heads_out.reshape(batch, length, heads * dim)
+        return received.permute(2, 1, 0, 3).reshape(batch, length, heads * dim)  # (B, L_r, W * h * D)
 
 
 @torch.compiler.disable  # one stable hook (no recompiles per forward); compiled blocks run the collectives eagerly

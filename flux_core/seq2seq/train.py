@@ -135,8 +135,9 @@ class Trainer:
         device_ids = [self.device] if self.device.type == "cuda" else None
         self.ddp = _DataParallel(model, device_ids=device_ids) if self.world > 1 else None
         self.ema = {name: p.detach().clone() for name, p in model.named_parameters()}
-        self.optimizer = torch.optim.AdamW(
-            model.parameters(), lr=config.lr, betas=(config.beta1, config.beta2), weight_decay=config.weight_decay
+        self.optimizer = torch.optim.AdamW(  # fused on GPUs: one kernel for every tensor's update
+            model.parameters(), lr=config.lr, betas=(config.beta1, config.beta2), weight_decay=config.weight_decay,
+            fused=self.device.type == "cuda" or None,
         )
         self.data_rng = torch.Generator().manual_seed(config.seed)
         self.noise_rng = torch.Generator().manual_seed(config.seed + 1)
@@ -180,8 +181,8 @@ class Trainer:
     @torch.no_grad()
     def _update_ema(self) -> None:
         decay = min(self.config.ema_decay, (1 + self.step) / (10 + self.step))  # short memory early on
-        for name, p in self.run.model.named_parameters():
-            self.ema[name].lerp_(p, 1 - decay)
+        names, params = zip(*self.run.model.named_parameters())
+        torch._foreach_lerp_([self.ema[name] for name in names], params, 1 - decay)  # few kernels for all tensors
 
     def train(self, run_dir: str | os.PathLike | None = None, until: int | None = None, progress: bool = True) -> None:
         """Train up to step `until` (default config.steps), checkpointing into `run_dir` when given."""
