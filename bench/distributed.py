@@ -172,6 +172,10 @@ def profile_step(folder: str | None, model: Flux, shape: dict, size: int, device
         print(f"[{label}] wall {(time.perf_counter() - start) * 1e3:.1f} ms (unprofiled)", flush=True)
         Path(folder).mkdir(parents=True, exist_ok=True)
         kernel_split(lambda: model(**inputs), device, Path(folder), label)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            model(**inputs)
+        table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12)
+        (Path(folder) / f"cpu_{label}.txt").write_text(table)
 
 
 def all_to_all_cost(model: Flux, shape: dict, size: int, device: torch.device, repeats: int) -> tuple[float, float]:

@@ -93,22 +93,23 @@ class Shards:
         if heads % self.world:
             raise ValueError(f"sequence parallel needs the head count ({heads}) divisible by the ranks ({self.world})")
         local, total = heads // self.world, sum(self.sizes)
-        # One buffer for the exchange: v's dtype, which the attention computes in, unless the CPU path wants
-        # float32 q, k (then v rides along in float32, exactly, and is cast back). Laid out (destination, token, ...)
-        # so that each rank receives its whole sequence as (L, 3, B, h, D) in rank order: no concatenation after.
+        # The exchange's buffers: v's dtype, which the attention computes in, unless the CPU path wants float32 q, k
+        # (then v rides along in float32, exactly, and is cast back). Laid out (destination, token, ...) so that each
+        # rank receives each of q, k, v whole, (L, B, h, D) in rank order: no concatenation after, and a layout
+        # (B, L, h, D) that the attention kernels take as they take one device's tensors.
         dtype = torch.float32 if onednn_inference(v, q, k) else v.dtype
-        send = v.new_empty(self.world, length, 3, batch, local, dim, dtype=dtype)
+        send = v.new_empty(3, self.world, length, batch, local, dim, dtype=dtype)
         for i, t in enumerate((q, k, v)):  # one strided copy each, casting on the way
-            send[:, :, i] = t.view(batch, length, self.world, local, dim).permute(2, 1, 0, 3, 4)
-        received = send.new_empty(total, 3, batch, local, dim)
-        per_token = 3 * batch * local * dim
-        dist.all_to_all_single(received.view(-1), send.view(-1), [n * per_token for n in self.sizes],
-                               [length * per_token] * self.world, group=self.group)  # fmt: skip
-        q, k, v_all = received.permute(1, 2, 0, 3, 4)  # each (B, L, h, D), strided views
+            send[i] = t.view(batch, length, self.world, local, dim).permute(2, 1, 0, 3, 4)
+        received = send.new_empty(3, total, batch, local, dim)
+        per_token = batch * local * dim
+        for i in range(3):
+            dist.all_to_all_single(received[i].view(-1), send[i].view(-1), [n * per_token for n in self.sizes],
+                                   [length * per_token] * self.world, group=self.group)  # fmt: skip
+        q, k, v_all = received.transpose(1, 2)  # each (B, L, h, D)
         out = flux_math.local_attention(q, k, v_all.to(v.dtype))  # (B, L, h*D)
         send = out.transpose(0, 1).contiguous()  # (L, B, h*D): each rank's tokens one slice (a view when B = 1)
         received = send.new_empty(self.world, length, batch, local * dim)
-        per_token = batch * local * dim
         dist.all_to_all_single(received.view(-1), send.view(-1), [length * per_token] * self.world,
                                [n * per_token for n in self.sizes], group=self.group)  # fmt: skip
         return received.permute(2, 1, 0, 3).reshape(batch, length, heads * dim)  # (B, L_r, W * h * D)

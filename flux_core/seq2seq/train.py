@@ -133,7 +133,7 @@ class Trainer:
         model = init_model(params, config.seed).to(self.device)
         self.run = Seq2Seq(model, task.layout, flow or FlowMatch(shift=False))
         device_ids = [self.device] if self.device.type == "cuda" else None
-        self.ddp = _DataParallel(model, device_ids=device_ids) if self.world > 1 else None
+        self.ddp = _DataParallel(model, device_ids=device_ids, gradient_as_bucket_view=True) if self.world > 1 else None
         self.ema = {name: p.detach().clone() for name, p in model.named_parameters()}
         self.optimizer = torch.optim.AdamW(  # fused on GPUs: one kernel for every tensor's update
             model.parameters(), lr=config.lr, betas=(config.beta1, config.beta2), weight_decay=config.weight_decay,
@@ -152,7 +152,7 @@ class Trainer:
         run = Seq2Seq(self.ddp, self.run.layout, self.run.flow) if self.ddp else self.run
         share = cfg.batch_size // self.world
         mine = slice(self.rank * share, (self.rank + 1) * share)  # this rank's rows of each global batch
-        total = 0.0
+        total = torch.zeros((), dtype=torch.float64, device=self.device)  # read once the step is queued: no stall
         for i in range(cfg.grad_accum):
             batch = self.task.batch(cfg.batch_size, self.data_rng)  # the same on every rank (same seeded streams)
             t = self.run.flow.sample_t(
@@ -165,18 +165,17 @@ class Trainer:
                 with torch.autocast(self.device.type, torch.bfloat16, enabled=cfg.bf16):
                     loss = run.loss(batch.to(self.device), t[mine], self.noise_rng, noise[mine]) / cfg.grad_accum
                 loss.backward()
-            total += loss.item()
+            total += loss.detach()
         if self.world > 1:  # the global batch's loss: the mean of the equal shares'
-            summed = torch.tensor(total, dtype=torch.float64, device=self.device)
-            dist.all_reduce(summed)
-            total = summed.item() / self.world
+            dist.all_reduce(total)
+            total /= self.world
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         self.optimizer.step()
         self.step += 1
         self._update_ema()
-        self.losses.append(total)
-        return total
+        self.losses.append(total.item())
+        return self.losses[-1]
 
     @torch.no_grad()
     def _update_ema(self) -> None:
