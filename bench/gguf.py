@@ -39,6 +39,7 @@ from flux_core.sampling import grid_ids  # noqa: E402
 
 GB = 1e9
 PACKAGE = {"Q8_0", "Q4_0", "Q5_0", "Q5_1", "Q4_1"}
+QUANTISED = ("Q8_0", "Q5_K", "Q4_K", "Q4_0", "Q5_0", "Q5_1", "Q4_1")  # the GGUF types encode() makes
 
 
 # --- a simple K-quant quantiser (torch, vectorised): per 32-weight group an affine 4- or 5-bit grid, its scale and
@@ -80,7 +81,7 @@ def encode(w: torch.Tensor, kind: str, device) -> tuple[torch.Tensor, Q | None]:
         return torch.from_numpy(gguf.quants.quantize(w.numpy(), qtype)).to(device), qtype
     if kind in ("Q4_K", "Q5_K"):
         return quantize_k(w.to(device), 4 if kind == "Q4_K" else 5), qtype
-    raise SystemExit(f"no quantiser for {kind}: pick from {sorted(PACKAGE | {'Q4_K', 'Q5_K'})}, bf16, fp8")
+    raise SystemExit(f"no quantiser for {kind}: pick from {', '.join(QUANTISED)}, bf16, fp8")
 
 
 # --- models ---------------------------------------------------------------------------------------------------------
@@ -102,17 +103,27 @@ def template(params, seed: int = 0) -> dict[str, torch.Tensor]:
     return out
 
 
+def template_names(params, weights: dict[str, torch.Tensor]) -> tuple[dict[str, str], set[str]]:
+    """({key of the full model: the template's key it copies}, the keys of Linear weights)."""
+    with torch.device("meta"):
+        model = Flux(params)
+    linears = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, Linear)}
+    source = {k.replace("blocks.0.", "blocks.{}.", 1): k for k in weights}  # a block's key with its index left open
+    names = {}
+    for key in model.state_dict():
+        index = key.split(".")[1] if key.startswith(("double_blocks.", "single_blocks.")) else None
+        names[key] = source[key.replace(f".{index}.", ".{}.", 1)] if index is not None else key
+    return names, linears
+
+
 def build(params, weights: dict[str, torch.Tensor], kind: str, device) -> tuple[Flux, float]:
     """(the variant's model on `device`: every block a copy of the template's, Linear weights encoded once; the
     relative error of the template's Linear weights as the variant stores them)."""
     with torch.device("meta"):
         model = Flux(params)
-    linears = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, Linear)}
-    source = {k.replace("blocks.0.", "blocks.{}.", 1): k for k in weights}  # a block's key with its index left open
+    names, linears = template_names(params, weights)
     encoded, state, qtypes, error, norm = {}, {}, {}, 0.0, 0.0
-    for key in model.state_dict():
-        index = key.split(".")[1] if key.startswith(("double_blocks.", "single_blocks.")) else None
-        name = source[key.replace(f".{index}.", ".{}.", 1)] if index is not None else key
+    for key, name in names.items():
         if key in linears:
             if name not in encoded:
                 encoded[name] = encode(weights[name], kind, device)
@@ -130,6 +141,35 @@ def build(params, weights: dict[str, torch.Tensor], kind: str, device) -> tuple[
     fp8 = torch.float8_e4m3fn if kind == "fp8" else None
     load_weights(model, state, torch.bfloat16, f"bench {kind}", weight_dtype=fp8)
     return model.eval().requires_grad_(False), (error / norm) ** 0.5
+
+
+def write_flux(path: Path, params, kind: str, device) -> Path:
+    """A flux-shaped GGUF file laid out as city96's (BFL names, architecture "flux"): the template's Linear weights
+    encoded once as `kind` and the same arrays written into every block (memory holds one block), rows that do not
+    split into the type's blocks F16, other tensors F32. An existing file is kept (the weights are seeded)."""
+    if path.exists():
+        return path
+    if kind not in QUANTISED:
+        raise SystemExit(f"no GGUF file of {kind}: pick from {', '.join(QUANTISED)}")
+    start, weights = time.perf_counter(), template(params)
+    names, linears = template_names(params, weights)
+    linear_names, arrays = {names[k] for k in linears}, {}
+    for name in set(names.values()):
+        stored, qtype = encode(weights[name], kind, device) if name in linear_names else (weights[name], None)
+        if qtype is None:  # F16 where a Linear's rows do not split into blocks (as city96's files), else F32
+            stored = stored.to(torch.float16 if name in linear_names else torch.float32)
+        arrays[name] = (stored.cpu().numpy(), qtype)
+    partial = path.with_name(path.name + ".partial")
+    writer = gguf.GGUFWriter(str(partial), "flux")
+    for key, name in names.items():
+        writer.add_tensor(key, arrays[name][0], raw_dtype=arrays[name][1])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    partial.rename(path)
+    print(f"wrote {path.name}: {path.stat().st_size / GB:.2f} GB in {time.perf_counter() - start:.0f} s", flush=True)
+    return path
 
 
 def inputs(params, size: int, txt: int, device) -> dict:

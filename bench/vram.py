@@ -2,7 +2,8 @@
 
 A card with CAP GiB is emulated by holding all but CAP GiB of the GPU's free memory in one tensor. Random weights at
 full size (no download) are written once to --workdir in the files users have: flux-dev transformer (BFL layout,
-bf16; fp8 cells load it with weight_dtype fp8 as the loader does), T5-XXL fp16, CLIP-L, the AE. Cells:
+bf16; fp8 cells load it with weight_dtype fp8 as the loader does), T5-XXL fp16, CLIP-L, the AE; GGUF weights (Q8_0,
+Q4_K, ...) are flux-<type>.gguf files as city96's (bench/gguf.py's write_flux), kept quantised. Cells:
   transformer: load_flux to the CPU (memory-mapped), placed by flux_core.streaming.transformer_on (automatic budget:
     free memory minus the activation estimate), 1024x1024, 512 T5 tokens: ms per step = median of --steps timed
     forwards on the 28-step schedule's times after --warmup.
@@ -18,6 +19,7 @@ link floor: bytes streamed per step over the pinned host-to-GPU bandwidth measur
     python bench/vram.py --comfyui .bench_deps/comfyui --only comfyui
     python bench/vram.py --measure-activations               # the activation factor of flux_core.streaming
     python bench/vram.py --tiny --device cpu                 # proves the script on a CPU (no caps, small files)
+    python bench/vram.py --weights Q4_K Q8_0 --only transformer pipeline    # GGUF files on the emulated cards
 """
 import argparse
 import gc
@@ -34,6 +36,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:1] = [str(REPO), str(REPO / "tests")]  # not bench/ itself: bench/gguf.py would shadow the gguf package
 
+from bench.gguf import QUANTISED, write_flux  # noqa: E402
 from bench.gpu_flux_dev import random_fill_  # noqa: E402
 from tiny_text import tiny_clip_config, tiny_t5_config  # noqa: E402
 from transformers import CLIPTextModel, T5EncoderModel  # noqa: E402
@@ -47,7 +50,7 @@ from flux_core.pipeline import generate  # noqa: E402
 from flux_core.sampling import FlowMatch, image_ids, text_ids  # noqa: E402
 
 GiB = 1024**3
-WEIGHTS = {"bf16": None, "fp8": torch.float8_e4m3fn}
+WEIGHTS = {"bf16": None, "fp8": torch.float8_e4m3fn, **dict.fromkeys(QUANTISED)}  # GGUF blocks stay quantised
 _ST_DTYPES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
 
 
@@ -75,7 +78,9 @@ def random_module(build, device: str, dtype: torch.dtype, seed: int) -> torch.nn
     return module
 
 
-def write_files(workdir: Path, device: str, tiny: bool) -> dict[str, Path]:
+def write_files(workdir: Path, device: str, tiny: bool, needed: set[str]) -> dict[str, Path]:
+    """The `needed` files (flux, t5, clip, ae: safetensors; a GGUF type: flux-<type>.gguf, bench/gguf.py's
+    write_flux: the package's quantiser where it has one), written once into `workdir`."""
     workdir.mkdir(parents=True, exist_ok=True)
     files = {k: workdir / f"{k}.safetensors" for k in ("flux", "t5", "clip", "ae")}
     flux_params = preset("flux-dev", hidden_size=256, num_heads=2, depth=2, depth_single_blocks=4, context_in_dim=64, vec_in_dim=64) if tiny else preset("flux-dev")
@@ -88,7 +93,7 @@ def write_files(workdir: Path, device: str, tiny: bool) -> dict[str, Path]:
         "ae": (lambda: AutoEncoder(AutoEncoderParams.flux(**({"ch": 32} if tiny else {}))), torch.float32),
     }
     for name, (build, dtype) in builders.items():
-        if files[name].exists():
+        if files[name].exists() or name not in needed:
             continue
         start = time.perf_counter()
         module = random_module(build, device, dtype, seed=len(name))
@@ -98,6 +103,8 @@ def write_files(workdir: Path, device: str, tiny: bool) -> dict[str, Path]:
         write_safetensors(files[name], state)
         del module, state
         print(f"wrote {files[name].name}: {files[name].stat().st_size / GiB:.2f} GiB in {time.perf_counter() - start:.0f} s", flush=True)
+    for kind in sorted(needed & set(QUANTISED)):
+        files[kind] = write_flux(workdir / f"flux-{kind}.gguf", flux_params, kind, device)
     return files
 
 
@@ -196,8 +203,13 @@ def run_cell(fn, card: Card) -> dict:
         return {"status": "ERROR", "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
 
 
+def load_transformer(files, weights: str):
+    """The transformer on the CPU as the loader node reads it: the bf16 file (cast to fp8 for fp8), or the GGUF file."""
+    return load_flux(files.get(weights, files["flux"]), dtype=torch.bfloat16, weight_dtype=WEIGHTS[weights], device="cpu")
+
+
 def ours_transformer(files, weights: str, args) -> dict:
-    model = load_flux(files["flux"], dtype=torch.bfloat16, weight_dtype=WEIGHTS[weights], device="cpu")
+    model = load_transformer(files, weights)
     x, times = transformer_inputs(model.params, args.device, args.size, args.tokens, 28)
     img_tokens = (args.size // 16) ** 2
     if args.device == "cuda":
@@ -220,7 +232,7 @@ def placement_summary(placement) -> dict:
 
 
 def ours_pipeline(files, weights: str, args) -> dict:
-    model = load_flux(files["flux"], dtype=torch.bfloat16, weight_dtype=WEIGHTS[weights], device="cpu")
+    model = load_transformer(files, weights)
     encoders = load_text_encoders(files["clip"], files["t5"], dtype=torch.bfloat16, device="cpu")
     ae = load_autoencoder(files["ae"], dtype=torch.bfloat16, device="cpu")
     marks, placed = [], {}
@@ -244,6 +256,15 @@ def ours_pipeline(files, weights: str, args) -> dict:
     out = {"e2e_s": time.perf_counter() - start, "ms_per_step": statistics.median(step_ms), "image": list(images.shape), **placed}
     streaming.unload(model)
     return out
+
+
+def import_comfyui(path: Path, device: str) -> None:
+    """ComfyUI's source first on the path; on a CPU run its --cpu flag set before model management looks for a GPU."""
+    sys.path.insert(0, str(path.resolve()))
+    if device == "cpu":
+        from comfy.cli_args import args
+
+        args.cpu = True
 
 
 def comfy_transformer(files, weights: str, args) -> dict:
@@ -279,7 +300,7 @@ def measure_activations(files, args) -> dict:
     """Peak transient memory of a resident forward over tokens x hidden x bytes: the ACTIVATION_FACTOR."""
     out = {}
     for weights in args.weights:
-        model = load_flux(files["flux"], dtype=torch.bfloat16, weight_dtype=WEIGHTS[weights], device=args.device)
+        model = load_flux(files.get(weights, files["flux"]), dtype=torch.bfloat16, weight_dtype=WEIGHTS[weights], device=args.device)
         for size in (512, 1024):
             x, times = transformer_inputs(model.params, args.device, size, args.tokens, 28)
             with torch.inference_mode():
@@ -317,7 +338,7 @@ def table(results: dict, link: float | None) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--caps", type=float, nargs="+", default=[8, 12, 16, 24], help="emulated free VRAM, GiB")
-    parser.add_argument("--weights", nargs="+", choices=WEIGHTS, default=list(WEIGHTS))
+    parser.add_argument("--weights", nargs="+", choices=WEIGHTS, default=["bf16", "fp8"], help="GGUF: flux-<type>.gguf")
     parser.add_argument("--only", nargs="+", choices=("transformer", "pipeline", "comfyui"), default=["transformer", "pipeline", "comfyui"])
     parser.add_argument("--comfyui", type=Path, help="a ComfyUI source folder: also run its native Flux")
     parser.add_argument("--size", type=int, default=1024)
@@ -335,21 +356,24 @@ def main() -> None:
     args = parser.parse_args()
     if args.tiny:
         args.size, args.tokens = 128, 32
-    files = write_files(args.workdir, args.device, args.tiny)
+    needed = {*args.weights} & set(QUANTISED) | ({"t5", "clip", "ae"} if "pipeline" in args.only else set())
+    if {*args.weights} - set(QUANTISED) or args.measure_activations:
+        needed.add("flux")
+    files = write_files(args.workdir, args.device, args.tiny, needed)
     report = {"args": {k: str(v) for k, v in vars(args).items()}, **pinned_bandwidth(args.device)}
     if report["pinned_gib_s"]:
         print(f"host-to-GPU: pinned {report['pinned_gib_s']:.1f} GiB/s, pageable {report['pageable_gib_s']:.1f} GiB/s", flush=True)
     if args.measure_activations:
         report["activations"] = measure_activations(files, args)
     if args.comfyui and "comfyui" in args.only:
-        sys.path.insert(0, str(args.comfyui.resolve()))
+        import_comfyui(args.comfyui, args.device)
     cells = {"transformer": ours_transformer, "pipeline": ours_pipeline, "comfyui": comfy_transformer}
     results = report.setdefault("results", {})
     for cap in args.caps if args.device == "cuda" else [None]:
         for weights in args.weights:
             for what in args.only:
-                if what == "comfyui" and not args.comfyui:
-                    continue
+                if what == "comfyui" and (not args.comfyui or weights in QUANTISED):
+                    continue  # ComfyUI reads GGUF only through ComfyUI-GGUF: bench/gguf.py --comfyui-gguf
                 key = f"{cap}/{weights}/{what}"
                 start = time.perf_counter()
                 results[key] = run_cell(lambda: cells[what](files, weights, args), Card(None if cap is None else int(cap * GiB), args.device))
