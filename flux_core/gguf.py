@@ -64,19 +64,22 @@ _T5_TOP = {"token_embd.weight": "shared.weight", "enc.output_norm.weight": "enco
 _T5_LINEARS = ("attn_q", "attn_k", "attn_v", "attn_o", "ffn_gate", "ffn_up", "ffn_down")
 
 
-# --- dequantisation: (..., blocks, type_size) uint8 -> (..., blocks, block_size) float32, as ggml's reference --------
+# --- dequantisation: (..., blocks, type_size) uint8 -> integer quants (..., groups, weights per group) with float32 ---
+# --- scales and offsets (..., groups, 1): weight = quant * scale + offset, as ggml's reference computes it ----------
 
 
 def _f16(raw: Tensor) -> Tensor:  # (..., 2) uint8 -> (..., 1) float32
-    """A float16 from two bytes by arithmetic on 16-bit integers (a same-size bitcast), so torch.compile keeps it
-    in the fused kernel; viewing a byte slice as float16 would copy it out first."""
+    """A float16 from two bytes. Eager, a view of the bytes; compiled, arithmetic on 16-bit integers (a same-size
+    bitcast), which torch.compile keeps in the fused kernel where a view of a byte slice as float16 is copied out."""
+    if not torch.compiler.is_compiling():
+        return raw.view(torch.float16).float()
     return (raw[..., :1].to(torch.int16) | (raw[..., 1:].to(torch.int16) << 8)).view(torch.float16).float()
 
 
 def _bits(raw: Tensor, width: int, count: int) -> Tensor:  # (..., n) uint8 -> (..., count, n)
     """The `count` fields of `width` bits of each byte, lowest first."""
     shifts = torch.arange(0, width * count, width, dtype=torch.uint8, device=raw.device)
-    return (raw.unsqueeze(-2) >> shifts[:, None]) & (2**width - 1)
+    return (raw.unsqueeze(-2) >> shifts[:, None]).bitwise_and_(2**width - 1)
 
 
 def _low_high(raw: Tensor) -> Tensor:  # (..., 16) uint8 -> (..., 32): low nibbles then high, as Q4_0/Q4_1/Q5_x
@@ -87,48 +90,48 @@ def _high_bits32(raw: Tensor) -> Tensor:  # (..., 4) uint8, a little-endian uint
     return _bits(raw, 1, 8).transpose(-1, -2).flatten(-2)
 
 
-def _k_scales(raw: Tensor) -> tuple[Tensor, Tensor]:  # (..., 12) uint8 -> 8 six-bit scales, 8 six-bit mins
-    d, m, high = raw.unflatten(-1, (3, 4))[..., None, :].unbind(-3)  # (..., 1, 4) each
-    first = torch.arange(2, device=raw.device)[:, None] == 0  # scales 0-3 | 4-7, without a concatenation
-    scales = torch.where(first, d & 63, (high & 15) | ((d >> 2) & 48)).flatten(-2)
-    mins = torch.where(first, m & 63, (high >> 4) | ((m >> 2) & 48)).flatten(-2)
-    return scales.float(), mins.float()
+def _k_scales(b: Tensor) -> tuple[Tensor, Tensor]:  # d | dmin | 12 bytes: 8 six-bit scales and mins -> (..., 8) x 2
+    """The group scales d * scale_j and mins dmin * min_j of a Q4_K / Q5_K super-block, both kinds at once."""
+    low = b[..., 4:12].unflatten(-1, (2, 4))  # (..., 2, 4): scale | min bytes: groups 0-3, top bits of groups 4-7
+    top = _bits(b[..., 12:16], 4, 2) | ((low >> 2) & 48)  # (..., 2, 4): groups 4-7
+    first = torch.arange(2, device=b.device)[:, None] == 0  # groups 0-3 | 4-7, without a concatenation
+    six_bits = torch.where(first, (low & 63).unsqueeze(-2), top.unsqueeze(-2)).flatten(-2)  # (..., 2, 8)
+    return (_f16(b[..., :4].unflatten(-1, (2, 2))) * six_bits.float()).unbind(-2)
 
 
-def _q8_0(b: Tensor) -> Tensor:
-    return b[..., 2:].view(torch.int8).float() * _f16(b[..., :2])
+def _q8_0(b: Tensor):
+    return b[..., 2:].view(torch.int8), _f16(b[..., :2]), None
 
 
-def _q4_0(b: Tensor) -> Tensor:
-    return _f16(b[..., :2]) * (_low_high(b[..., 2:]).to(torch.int8) - 8).float()
+def _q4_0(b: Tensor):  # (q - 8) * d as q * d - 8 * d: the same float32, both products exact, one quant pass less
+    d = _f16(b[..., :2])
+    return _low_high(b[..., 2:]), d, -8 * d
 
 
-def _q4_1(b: Tensor) -> Tensor:
-    return _f16(b[..., :2]) * _low_high(b[..., 4:]).float() + _f16(b[..., 2:4])
+def _q4_1(b: Tensor):
+    return _low_high(b[..., 4:]), _f16(b[..., :2]), _f16(b[..., 2:4])
 
 
-def _q5_0(b: Tensor) -> Tensor:
-    q = _low_high(b[..., 6:]) | (_high_bits32(b[..., 2:6]) << 4)
-    return _f16(b[..., :2]) * (q.to(torch.int8) - 16).float()
+def _q5_0(b: Tensor):
+    d = _f16(b[..., :2])
+    return _low_high(b[..., 6:]) | (_high_bits32(b[..., 2:6]) << 4), d, -16 * d
 
 
-def _q5_1(b: Tensor) -> Tensor:
-    q = _low_high(b[..., 8:]) | (_high_bits32(b[..., 4:8]) << 4)
-    return _f16(b[..., :2]) * q.float() + _f16(b[..., 2:4])
+def _q5_1(b: Tensor):
+    return _low_high(b[..., 8:]) | (_high_bits32(b[..., 4:8]) << 4), _f16(b[..., :2]), _f16(b[..., 2:4])
 
 
-def _grouped(q: Tensor, scales: Tensor, mins: Tensor | None = None) -> Tensor:
-    """(..., 256) quants times their group's scale (..., groups), less its min: K-quant super-blocks."""
-    out = scales[..., None] * q.float().unflatten(-1, (scales.shape[-1], -1))
-    return (out if mins is None else out - mins[..., None]).flatten(-2)
+def _grouped(q: Tensor, scales: Tensor, mins: Tensor | None = None):
+    """K-quant super-blocks: (..., 256) quants, their group's scale (..., groups) and min, split into groups."""
+    return q.unflatten(-1, (scales.shape[-1], -1)), scales[..., None], None if mins is None else -mins[..., None]
 
 
-def _q2_k(b: Tensor) -> Tensor:  # 16 scale bytes (scale | min << 4) | 64 quant bytes | d | dmin
+def _q2_k(b: Tensor):  # 16 scale bytes (scale | min << 4) | 64 quant bytes | d | dmin
     scales, q = b[..., :16], _bits(b[..., 16:80].unflatten(-1, (2, 32)), 2, 4).flatten(-3)
     return _grouped(q, _f16(b[..., 80:82]) * (scales & 15).float(), _f16(b[..., 82:84]) * (scales >> 4).float())
 
 
-def _q3_k(b: Tensor) -> Tensor:  # 32 high-bit bytes | 64 quant bytes | 12 scale bytes | d
+def _q3_k(b: Tensor):  # 32 high-bit bytes | 64 quant bytes | 12 scale bytes | d
     sc = b[..., 96:108]
     scales = (_bits(sc[..., :8], 4, 2).flatten(-2) | (_bits(sc[..., 8:], 2, 4).flatten(-2) << 4)).to(torch.int8) - 32
     low = _bits(b[..., 32:96].unflatten(-1, (2, 32)), 2, 4).flatten(-3)
@@ -136,19 +139,16 @@ def _q3_k(b: Tensor) -> Tensor:  # 32 high-bit bytes | 64 quant bytes | 12 scale
     return _grouped(low.to(torch.int8) - ((high ^ 1) << 2).to(torch.int8), _f16(b[..., 108:110]) * scales.float())
 
 
-def _q4_k(b: Tensor) -> Tensor:  # d | dmin | 12 scale bytes | 128 quant bytes
-    scales, mins = _k_scales(b[..., 4:16])
-    q = _bits(b[..., 16:].unflatten(-1, (4, 32)), 4, 2).flatten(-3)
-    return _grouped(q, _f16(b[..., :2]) * scales, _f16(b[..., 2:4]) * mins)
+def _q4_k(b: Tensor):  # d | dmin | 12 scale bytes | 128 quant bytes
+    return _grouped(_bits(b[..., 16:].unflatten(-1, (4, 32)), 4, 2).flatten(-3), *_k_scales(b))
 
 
-def _q5_k(b: Tensor) -> Tensor:  # d | dmin | 12 scale bytes | 32 high-bit bytes | 128 quant bytes
-    scales, mins = _k_scales(b[..., 4:16])
+def _q5_k(b: Tensor):  # d | dmin | 12 scale bytes | 32 high-bit bytes | 128 quant bytes
     q = _bits(b[..., 48:].unflatten(-1, (4, 32)), 4, 2).flatten(-3) | (_bits(b[..., 16:48], 1, 8).flatten(-2) << 4)
-    return _grouped(q, _f16(b[..., :2]) * scales, _f16(b[..., 2:4]) * mins)
+    return _grouped(q, *_k_scales(b))
 
 
-def _q6_k(b: Tensor) -> Tensor:  # 128 low-nibble bytes | 64 high-bit-pair bytes | 16 int8 scales | d
+def _q6_k(b: Tensor):  # 128 low-nibble bytes | 64 high-bit-pair bytes | 16 int8 scales | d
     low = _bits(b[..., :128].unflatten(-1, (2, 64)), 4, 2).flatten(-3)
     high = _bits(b[..., 128:192].unflatten(-1, (2, 32)), 2, 4).flatten(-3)
     scales = _f16(b[..., 208:210]) * b[..., 192:208].view(torch.int8).float()
@@ -164,18 +164,26 @@ SUPPORTED = (*NATIVE, *_DEQUANTIZE)
 
 def dequantize(raw: Tensor, qtype: Q, dtype: torch.dtype = torch.float32) -> Tensor:
     """(..., bytes per row) GGUF data -> (..., weights per row) in `dtype`: computed in float32 as ggml's reference,
-    rounded once. Vectorised over all blocks, so torch.compile fuses it into one kernel; eager, a large matrix goes
-    EAGER_CHUNK weights at a time, which bounds the float32 intermediates (a flux-dev layer has 66M weights)."""
+    rounded once. Compiled, one expression that torch.compile fuses into one kernel. Eager, the integer quants are
+    unpacked (one byte per weight) and one multiply(-add) of mixed dtypes writes `dtype` directly (CUDA converts in
+    the kernel; the CPU makes float32 temporaries, so there a matrix goes EAGER_CHUNK weights at a time)."""
     if qtype in NATIVE:
         return raw.view(NATIVE[qtype]).to(dtype)
     block_size, type_size = gguf.GGML_QUANT_SIZES[qtype]
     unpack, blocks = _DEQUANTIZE[qtype], raw.unflatten(-1, (-1, type_size))  # (..., blocks, type_size)
-    rows = max(1, EAGER_CHUNK // (blocks.shape[-2] * block_size))
-    if raw.ndim != 2 or raw.shape[0] <= rows or torch.compiler.is_compiling():
-        return unpack(blocks).flatten(-2).to(dtype)
-    out = raw.new_empty(raw.shape[0], blocks.shape[-2] * block_size, dtype=dtype)
-    for start in range(0, raw.shape[0], rows):
-        out[start : start + rows] = unpack(blocks[start : start + rows]).flatten(-2)
+    if torch.compiler.is_compiling():
+        q, scale, offset = unpack(blocks)
+        out = q.float() * scale if offset is None else q.float() * scale + offset
+        return out.reshape(*raw.shape[:-1], -1).to(dtype)
+    out = raw.new_empty(*raw.shape[:-1], blocks.shape[-2] * block_size, dtype=dtype)
+    rows = max(1, EAGER_CHUNK // out.shape[-1]) if raw.ndim == 2 and raw.device.type == "cpu" else len(raw)
+    for start in range(0, len(raw), rows):
+        q, scale, offset = unpack(blocks[start : start + rows])
+        part = out[start : start + rows].view(q.shape)
+        if offset is None:
+            torch.mul(q, scale, out=part)
+        else:
+            torch.addcmul(offset, q, scale, out=part)
     return out
 
 

@@ -98,11 +98,14 @@ def test_dequantize_matches_the_gguf_package_bit_for_bit(qtype, monkeypatch):
     stored = [gguf.quants.quantize(weights, qtype)] if qtype in PACKAGE_QUANTISES else []
     if qtype not in NATIVE:
         stored.append(random_blocks(qtype, 6, 512, gen))  # every bit pattern, not only what a quantiser writes
+    torch._dynamo.reset()
+    compiled = torch.compile(dequantize, backend="aot_eager", fullgraph=True)  # the expression torch.compile fuses
     for data in stored:
         expected = torch.from_numpy(np.array(gguf.quants.dequantize(data, qtype), dtype=np.float32))
         raw = torch.from_numpy(np.ascontiguousarray(data).view(np.uint8))
         assert torch.equal(dequantize(raw, qtype), expected)
         assert torch.equal(dequantize(raw, qtype, torch.bfloat16), expected.bfloat16())  # rounded once
+        assert torch.equal(compiled(raw, qtype, torch.bfloat16), expected.bfloat16())
         assert torch.equal(dequantize(raw[2:5], qtype), expected[2:5])  # rows stand alone (Linear's `rows`)
         with monkeypatch.context() as patch:
             patch.setattr(flux_core.gguf, "EAGER_CHUNK", 1024)  # two rows at a time, as big layers go when eager
