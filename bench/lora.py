@@ -3,13 +3,17 @@ memory the patched model holds beyond the base, and step time with the LoRA vs w
 
     python bench/lora.py                  # CPU: flux-dev width, 1 double + 1 single block, 256 + 64 tokens, float32
     python bench/lora.py --device cuda    # flux-dev's full shape (19 + 38 blocks), 4096 + 512 tokens (1024 px), bf16
+    python bench/lora.py --heads 4 --image-tokens 1024 --repeats 2 --warmup 1   # CPU, 512 wide: per-call merges show
     python bench/lora.py --double 2 --single 4 --image-tokens 1024 --json out.json
 
-Ways: float weights merged (a new tensor per patched layer), float weights with a side path (merge=False), fp8
-weights with a side path (upcast per call), and on CUDA fp8 matmuls (fp8_e4m3fn_fast) with a side path. Each "with"
-is timed against its own base model, runs alternating, median after warm-up, inference_mode. On the CPU the time is
-the process's CPU time (time.process_time), which other processes on a shared machine barely disturb; on CUDA it is
-wall time between synchronisations.
+Ways: float weights merged at apply (a new tensor per patched layer); float weights with a side path (merge=False);
+fp8 weights upcast per call with the LoRA added into the upcast weight where that moves fewer bytes (ops.Linear.
+merges_lora: the image stream's layers at 1024 px) and a side path elsewhere; the same with side paths only (the
+previous way, for comparison); on CUDA fp8 matmuls (fp8_e4m3fn_fast), which have no upcast weight: side paths. Each
+row says in how many of one step's LoRA'd layer calls the LoRA was merged per call. Each "with" is timed against its
+own base model, runs alternating, median after warm-up, inference_mode. On the CPU the time is the process's CPU time
+(time.process_time), which other processes on a shared machine barely disturb; on CUDA it is wall time between
+synchronisations.
 """
 import argparse
 import json
@@ -100,11 +104,24 @@ def step_times(models: list[nn.Module], x: dict, device, warmup: int, repeats: i
     return [statistics.median(t) for t in times]
 
 
+def merged_calls(model: nn.Module, x: dict) -> tuple[int, int]:
+    """(LoRA'd layer calls that merged per call, those that asked) in one forward; fp8 matmuls never ask."""
+    asked, decide = [], Linear.merges_lora
+    Linear.merges_lora = lambda self, *args: asked.append(decide(self, *args)) or asked[-1]
+    try:
+        with torch.inference_mode():
+            model(**x)
+    finally:
+        Linear.merges_lora = decide
+    return sum(asked), len(asked)
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--double", type=int, help="double blocks (default: 1 on CPU, 19 on CUDA)")
     parser.add_argument("--single", type=int, help="single blocks (default: 1 on CPU, 38 on CUDA)")
+    parser.add_argument("--heads", type=int, default=24, help="attention heads of 128 (default 24: flux-dev's 3072 width)")
     parser.add_argument("--image-tokens", type=int, help="a square grid's token count (default 256 CPU, 4096 CUDA)")
     parser.add_argument("--text-tokens", type=int, help="default 64 CPU, 512 CUDA")
     parser.add_argument("--repeats", type=int, default=5)
@@ -114,7 +131,8 @@ def main(argv=None) -> dict:
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32
-    params = preset("flux-dev", depth=args.double or (19 if cuda else 1), depth_single_blocks=args.single or (38 if cuda else 1))
+    params = preset("flux-dev", depth=args.double or (19 if cuda else 1), depth_single_blocks=args.single or (38 if cuda else 1),
+                    hidden_size=128 * args.heads, num_heads=args.heads)  # fmt: skip
     side = int((args.image_tokens or (4096 if cuda else 256)) ** 0.5)
     x = {k: None if v is None else v.to(device) for k, v in tiny_inputs(params, rows=side, cols=side, text=args.text_tokens or (512 if cuda else 64), dtype=dtype).items()}
     base = random_flux(params, device, dtype)
@@ -122,26 +140,35 @@ def main(argv=None) -> dict:
     if cuda:
         bases["fp8 matmul"] = bases["fp8"].twin()
         enable_fp8_matmul(bases["fp8 matmul"])
-    ways = [("float", True), ("float", False), ("fp8", True)] + ([("fp8 matmul", True)] if cuda else [])
-    print(f"{params.depth} double + {params.depth_single_blocks} single blocks, {side * side} + {x['txt'].shape[1]} tokens, "
-          f"{str(dtype)[6:]} compute on {device} ({'wall' if cuda else 'CPU'} time), rank-{RANK} LoRA on every Linear")  # fmt: skip
+    ways = [  # (name, base, merge at apply, merge per call)
+        ("float merged", "float", True, True), ("float side path", "float", False, True),
+        ("fp8 upcast, merged per call", "fp8", True, True), ("fp8 upcast, side path", "fp8", True, False),
+    ] + ([("fp8 matmul, side path", "fp8 matmul", True, True)] if cuda else [])  # fmt: skip
+    print(f"{params.depth} double + {params.depth_single_blocks} single blocks, {params.hidden_size} wide, {side * side} + "
+          f"{x['txt'].shape[1]} tokens, {str(dtype)[6:]} compute on {device} ({'wall' if cuda else 'CPU'} time), "
+          f"rank-{RANK} LoRA on every Linear")  # fmt: skip
     results = {"device": str(device), "torch": torch.__version__, "blocks": [params.depth, params.depth_single_blocks],
-               "tokens": [side * side, x["txt"].shape[1]], "compute": str(dtype)[6:], "rank": RANK, "ways": {}}  # fmt: skip
+               "width": params.hidden_size, "tokens": [side * side, x["txt"].shape[1]], "compute": str(dtype)[6:],
+               "rank": RANK, "ways": {}}  # fmt: skip
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "lora.safetensors"
         results["lora_bytes"] = write_lora(base, path)
-        for storage, merge in ways:
+        for name, storage, merge, per_call in ways:
             model = bases[storage]
             start = clock(device)
             patched, _, (report,) = apply_loras(model, [(read_lora(path), 1.0, 1.0)], merge=merge)
             seconds = clock(device) - start
+            Linear.merge_lora_per_call = per_call
+            merged, asked = merged_calls(patched, x)
             without, with_lora = step_times([model, patched], x, device, args.warmup, args.repeats)
-            name = f"{storage} {'merged' if merge and storage == 'float' else 'side path'}"
+            Linear.merge_lora_per_call = True
             extra = extra_bytes(patched, model)
             results["ways"][name] = {"apply_s": seconds, "extra_bytes": extra, "step_ms": without * 1e3,
-                                     "step_lora_ms": with_lora * 1e3, "ratio": with_lora / without, "modes": report.modes}  # fmt: skip
-            print(f"  {name:22s} apply {seconds:6.2f} s  extra {extra / 2**20:9.1f} MiB  step {without * 1e3:8.1f} ms -> "
-                  f"{with_lora * 1e3:8.1f} ms with the LoRA: x{with_lora / without:.3f}")  # fmt: skip
+                                     "step_lora_ms": with_lora * 1e3, "ratio": with_lora / without, "modes": report.modes,
+                                     "merged_per_call": [merged, asked]}  # fmt: skip
+            calls = f"merged per call in {merged} of {asked} calls" if asked else "merged at apply" if merge and storage == "float" else "side paths"
+            print(f"  {name:28s} apply {seconds:6.2f} s  extra {extra / 2**20:9.1f} MiB  step {without * 1e3:8.1f} ms -> "
+                  f"{with_lora * 1e3:8.1f} ms with the LoRA: x{with_lora / without:.3f}  ({calls})")  # fmt: skip
             del patched
     print(f"  LoRA file tensors: {results['lora_bytes'] / 2**20:.1f} MiB; base weights "
           f"{sum(p.nbytes for p in base.parameters()) / 2**20:.1f} MiB")  # fmt: skip

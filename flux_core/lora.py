@@ -16,9 +16,11 @@ also widen img_in to 128 input channels (the control image's latent) and replace
 text_encoder., ...) patch the text encoders when they are given; T5 parts are reported, not applied.
 
 The model given is never changed: the patched one is its `Flux.twin()`, sharing every tensor it does not change. A
-patched layer with float weights gets a merged copy (the change computed in float32, rounded once); an fp8 layer keeps
-its LoRAs as a low-rank side path (ops.Linear lora_down / lora_up) and is never re-rounded into fp8: only a full-rank
-change (LoHa, LoKr, diff) makes it a merged layer in the compute dtype.
+patched layer with float weights gets a merged copy (the change computed in float32, rounded once); an fp8 or GGUF
+layer keeps its LoRAs low rank (ops.Linear lora_down / lora_up, stored in the compute dtype) and is never re-rounded:
+each call adds them into the weight it upcasts anyway, or runs them as a side path where that moves fewer bytes (few
+tokens, fp8 matmuls; see ops.Linear.merges_lora). Only a full-rank change (LoHa, LoKr, diff) makes it a merged layer in
+the compute dtype.
 """
 import copy
 import dataclasses

@@ -1,6 +1,7 @@
 """GGUF: our torch dequantisation against the gguf package's numpy reference for every type; a tiny Flux and a tiny T5
 written as GGUF (every type, as city96 / llama.cpp lay them out) against the same weights dequantised ahead into
-safetensors, kept quantised through compile_blocks, streaming and LoRAs and through the nodes; wrong files."""
+safetensors, kept quantised through compile_blocks, streaming and LoRAs (side paths, per-call merges) and through the
+nodes; wrong files."""
 import importlib
 import json
 import runpy
@@ -13,7 +14,9 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 from conftest import REPO
+from test_lora import MANY, assert_closed_form_per_call, assert_merged_per_call_where_cheaper, kohya_lora
 from test_nodes import load_pack_as
+from test_streaming import block_budget
 from tiny_ae import tiny_ae_params, write_ae_bfl
 from tiny_flux import random_weights, tiny_inputs, tiny_params
 from tiny_text import t5_weights, tiny_clip_config, tiny_t5_config, write_clip_l
@@ -83,9 +86,9 @@ def write_gguf(path, tensors: dict[str, torch.Tensor], arch: str | None, qtypes=
     return values
 
 
-def run(model, dtype=torch.float32, params=PARAMS):
+def run(model, dtype=torch.float32, params=PARAMS, grid=(3, 4)):
     with torch.inference_mode():
-        return model(**tiny_inputs(params, dtype=dtype))
+        return model(**tiny_inputs(params, rows=grid[0], cols=grid[1], dtype=dtype))
 
 
 # --- dequantisation against the package ------------------------------------------------------------------------------
@@ -189,6 +192,27 @@ def test_loras_ride_beside_the_quantised_weights(flux_pair):
     expected = run(merged)
     assert (expected - run(reference)).abs().max() > 0.02 * expected.abs().max()  # the LoRA shows
     torch.testing.assert_close(run(patched), expected, rtol=0, atol=1e-5 * expected.abs().max().item())
+
+
+def test_loras_merge_into_the_dequantised_weight_per_call_streamed_too(flux_pair, monkeypatch):
+    model, reference = flux_pair
+    strength, alpha, rank = 0.8, 2.0, 4
+    state = kohya_lora(model, rank=rank, alpha=alpha, seed=16)
+    patched, _, _ = apply_loras(model, [(parse_lora(state), strength, 1.0)])
+    merged, _, _ = apply_loras(reference, [(parse_lora(state), strength, 1.0)])
+    out = assert_merged_per_call_where_cheaper(patched, merged, monkeypatch)
+    i = next(i for i, b in enumerate(model.single_blocks) if isinstance(b.linear1, GGUFLinear))
+    layer, base_layer = patched.single_blocks[i].linear1, model.single_blocks[i].linear1
+    key = f"lora_unet_single_blocks_{i}_linear1"
+    up = strength * alpha / rank * state[f"{key}.lora_up.weight"]
+    weight = dequantize(base_layer.weight, base_layer.qtype)
+    assert_closed_form_per_call(layer, base_layer, weight, up, state[f"{key}.lora_down.weight"])
+    blocks = patched.blocks()  # every block streamed: raw blocks and LoRA factors copied in per call
+    placement = streaming.place(patched, torch.device("cpu"), blocks, budget_bytes=block_budget(patched, len(blocks)))
+    assert len(placement.streamed) == len(blocks)
+    streamed = run(patched, grid=MANY)
+    streaming.unload(patched)
+    assert torch.equal(streamed, out)
 
 
 # --- a tiny T5 ----------------------------------------------------------------------------------------------------------

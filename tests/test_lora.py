@@ -1,5 +1,6 @@
 """LoRAs: every format on a tiny Flux in official layout, against diffusers' own loading (kohya, XLabs, PEFT) or the
-closed forms (BFL names, LoHa, LoKr, diff); stacking, strength 0, the base left alone, fp8 side paths, wrong models."""
+closed forms (BFL names, LoHa, LoKr, diff); stacking, strength 0, the base left alone, fp8 side paths and per-call
+merges, wrong models."""
 import importlib
 import json
 import re
@@ -8,8 +9,10 @@ import types
 
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file, save_file
+from torch.utils._python_dispatch import TorchDispatchMode
 from tiny_flux import bfl_to_diffusers, diffusers_config, tiny_inputs, tiny_params, write_flux_bfl, write_flux_fp8
 from tiny_text import tiny_clip_config, write_clip_l, write_t5
 from test_nodes import models, pack  # noqa: F401  (fixtures: the pack as ComfyUI loads it, tiny models folder)
@@ -51,9 +54,12 @@ def random_pair(gen, out_features: int, in_features: int, rank: int) -> tuple[to
     return down, 0.3 * torch.randn(out_features, rank, generator=gen) / rank**0.5
 
 
-def run(model, dtype=torch.float64):
+def run(model, dtype=torch.float64, grid=(3, 4)):
     with torch.inference_mode():
-        return model(**tiny_inputs(model.params, dtype=dtype))
+        return model(**tiny_inputs(model.params, rows=grid[0], cols=grid[1], dtype=dtype))
+
+
+MANY = (24, 24)  # 576 image tokens: the image stream's fp8 / GGUF layers merge LoRAs per call, the rest keep side paths
 
 
 # --- against diffusers ------------------------------------------------------------------------------------------------
@@ -328,13 +334,134 @@ def test_fp8_keeps_loras_as_a_side_path_matching_the_float32_merge(fp8_models):
     assert qkv.lora_down.shape[0] == patched.double_blocks[0].img_attn.qkv.lora_down.shape[0] + 4
 
 
-def test_side_path_compiles_without_graph_breaks(fp8_models):
+@pytest.mark.parametrize("grid", [(3, 4), MANY], ids=["side paths", "merged per call"])
+def test_fp8_loras_compile_without_graph_breaks(fp8_models, grid):
     patched, _, _ = apply_loras(fp8_models[0], [(parse_lora(kohya_lora(fp8_models[0], seed=8)), 1.0, 1.0)])
     torch._dynamo.reset()
-    eager = run(patched, torch.float32)
-    compiled = run(patched.twin().compile_blocks(backend="aot_eager", fullgraph=True), torch.float32)
+    eager = run(patched, torch.float32, grid)
+    compiled = run(patched.twin().compile_blocks(backend="aot_eager", fullgraph=True), torch.float32, grid)
     torch.testing.assert_close(compiled, eager, rtol=0, atol=1e-5 * eager.abs().max().item())
     torch._dynamo.reset()
+
+
+class LoraCalls(TorchDispatchMode):
+    """Counts how the LoRAs of `model` are added: into a weight (addmm_(weight, up, down): the stored lora_down is
+    the second factor) or beside it (addmm_(output, hidden, up^T))."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.downs = {m.lora_down.data_ptr() for m in linears(model).values() if m.lora_down is not None}
+        self.merged = self.side = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.addmm_.default:
+            if args[2].data_ptr() in self.downs:
+                self.merged += 1
+            else:
+                self.side += 1
+        return func(*args, **(kwargs or {}))
+
+
+def stored_bytes(model) -> dict[str, torch.Tensor]:
+    """A copy of every fp8 / GGUF-block tensor of `model`, as bytes."""
+    narrow = (torch.float8_e4m3fn, torch.uint8)
+    return {k: v.view(torch.uint8).clone() for k, v in model.state_dict().items() if v.dtype in narrow}
+
+
+def assert_merged_per_call_where_cheaper(patched, merged, monkeypatch) -> torch.Tensor:
+    """`patched` (fp8 / GGUF weights, LoRAs kept low rank) at MANY tokens merges some LoRAs per call and keeps the
+    side path for others, matching the side path everywhere and `merged` (the same LoRAs merged into float32
+    weights: the closed form); the stored weights are left bit for bit. Returns the output."""
+    before = stored_bytes(patched)
+    with LoraCalls(patched) as calls:
+        out = run(patched, torch.float32, MANY)
+    assert calls.merged > 0 and calls.side > 0
+    expected = run(merged, torch.float32, MANY)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-5 * expected.abs().max().item())
+    with monkeypatch.context() as patch, LoraCalls(patched) as calls:
+        patch.setattr(Linear, "merge_lora_per_call", False)
+        side = run(patched, torch.float32, MANY)
+    assert calls.merged == 0 and calls.side > 0
+    torch.testing.assert_close(out, side, rtol=0, atol=1e-5 * expected.abs().max().item())
+    after = stored_bytes(patched)
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    return out
+
+
+def assert_closed_form_per_call(layer: Linear, base_layer: Linear, weight: torch.Tensor, up: torch.Tensor, down: torch.Tensor):  # fmt: skip
+    """A fused linear1 with a LoRA (`weight`: its stored weight dequantised, float32; `up` scaled) and the same layer
+    without: every call Flux makes (all rows; the qkv rows; the mlp rows with GELU), merged per call (512 tokens) and
+    by the side path (8 tokens), is x (weight + up down)^T + bias; the stored weight is left bit for bit; an all-zero
+    LoRA merged per call gives the plain layer's output exactly."""
+    x = torch.randn(512, layer.in_features, generator=torch.Generator().manual_seed(13))
+    stored, calls = layer.weight.view(torch.uint8).clone(), [(None, False), (slice(0, 3 * WIDTH), False), (slice(3 * WIDTH, None), True)]  # fmt: skip
+    for rows, gelu in calls:
+        picked = slice(None) if rows is None else rows
+        expected, plain = (F.linear(x, w[picked], layer.bias[picked]) for w in (weight + up @ down, weight))
+        if gelu:
+            expected, plain = F.gelu(expected, approximate="tanh"), F.gelu(plain, approximate="tanh")
+        assert (expected - plain).abs().max() > 0.05 * expected.abs().max()  # the LoRA shows
+        for tokens, way in ((512, (1, 0)), (8, (0, 1))):
+            with torch.inference_mode(), LoraCalls(layer) as counted:
+                got = layer(x[:tokens], gelu, rows)
+            assert (counted.merged, counted.side) == way
+            torch.testing.assert_close(got, expected[:tokens], rtol=0, atol=1e-5 * expected.abs().max().item())
+    assert torch.equal(layer.weight.view(torch.uint8), stored)
+    lora_up, layer.lora_up = layer.lora_up, torch.zeros_like(layer.lora_up)
+    with torch.inference_mode():
+        assert all(torch.equal(layer(x, gelu, rows), base_layer(x, gelu, rows)) for rows, gelu in calls)
+    layer.lora_up = lora_up
+
+
+def test_fp8_loras_merge_per_call_where_cheaper(fp8_models, monkeypatch):
+    fp8, full = fp8_models
+    lora = parse_lora(kohya_lora(fp8, seed=11))
+    patched, _, (report,) = apply_loras(fp8, [(lora, 0.9, 1.0)])
+    merged, _, _ = apply_loras(full, [(lora, 0.9, 1.0)])
+    assert report.modes == {"side path": report.layers}  # kept low rank: how each call applies it is the layer's
+    assert_merged_per_call_where_cheaper(patched, merged, monkeypatch)
+    zero, _, _ = apply_loras(fp8, [(lora, 0.0, 1.0)])
+    assert torch.equal(run(zero, torch.float32, MANY), run(fp8, torch.float32, MANY))
+
+
+def test_fp8_per_call_merge_is_the_closed_form_on_every_rows_slice(fp8_models):
+    fp8 = fp8_models[0]
+    strength, alpha, rank = -0.7, 3.0, 4
+    state = kohya_lora(fp8, rank=rank, alpha=alpha, seed=12)
+    patched, _, _ = apply_loras(fp8, [(parse_lora(state), strength, 1.0)])
+    layer, base_layer = patched.single_blocks[0].linear1, fp8.single_blocks[0].linear1
+    assert layer.weight is base_layer.weight and abs(float(base_layer.weight_scale) - 1) > 0.5  # a lost scale shows
+    key = "lora_unet_single_blocks_0_linear1"
+    up = strength * alpha / rank * state[f"{key}.lora_up.weight"]
+    weight = base_layer.weight.float() * base_layer.weight_scale
+    assert_closed_form_per_call(layer, base_layer, weight, up, state[f"{key}.lora_down.weight"])
+
+
+def test_fp8_loras_keep_the_side_path_under_autograd(fp8_models):
+    patched, _, _ = apply_loras(fp8_models[0], [(parse_lora(kohya_lora(fp8_models[0], seed=14)), 1.0, 1.0)])
+    layer = patched.double_blocks[0].img_attn.qkv
+    x = torch.randn(512, WIDTH, requires_grad=True)
+    with LoraCalls(layer) as calls:
+        layer(x).square().sum().backward()
+    assert (calls.merged, calls.side) == (0, 1)
+    weight = layer.weight.float() * layer.weight_scale + layer.lora_up @ layer.lora_down
+    expected = 2 * F.linear(x.detach(), weight, layer.bias) @ weight
+    torch.testing.assert_close(x.grad, expected, rtol=0, atol=1e-5 * expected.abs().max().item())
+
+
+def test_float_side_paths_never_merge_into_the_stored_weight(base):
+    """merge=False on float weights: no per-call temporary to add into (the stored weight is used as it is)."""
+    lora = parse_lora(kohya_lora(base, seed=15))
+    side, _, (report,) = apply_loras(base, [(lora, 0.8, 1.0)], merge=False)
+    merged, _, _ = apply_loras(base, [(lora, 0.8, 1.0)])
+    assert report.modes == {"side path": report.layers}
+    before = {k: v.clone() for k, v in side.state_dict().items()}
+    with LoraCalls(side) as calls:
+        out = run(side, grid=MANY)
+    assert calls.merged == 0 and calls.side == report.layers + PARAMS.depth_single_blocks  # linear1 runs twice
+    assert all(torch.equal(v, before[k]) for k, v in side.state_dict().items())
+    expected = run(merged, grid=MANY)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-9 * expected.abs().max().item())
 
 
 # --- wrong files, partial matches -----------------------------------------------------------------------------------------
