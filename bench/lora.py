@@ -121,7 +121,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--double", type=int, help="double blocks (default: 1 on CPU, 19 on CUDA)")
     parser.add_argument("--single", type=int, help="single blocks (default: 1 on CPU, 38 on CUDA)")
-    parser.add_argument("--heads", type=int, default=24, help="attention heads of 128 (default 24: flux-dev's 3072 width)")
+    parser.add_argument("--heads", type=int, default=24, help="heads of 128 (default 24: flux-dev's 3072 width)")
     parser.add_argument("--image-tokens", type=int, help="a square grid's token count (default 256 CPU, 4096 CUDA)")
     parser.add_argument("--text-tokens", type=int, help="default 64 CPU, 512 CUDA")
     parser.add_argument("--repeats", type=int, default=5)
@@ -166,9 +166,10 @@ def main(argv=None) -> dict:
             results["ways"][name] = {"apply_s": seconds, "extra_bytes": extra, "step_ms": without * 1e3,
                                      "step_lora_ms": with_lora * 1e3, "ratio": with_lora / without, "modes": report.modes,
                                      "merged_per_call": [merged, asked]}  # fmt: skip
-            calls = f"merged per call in {merged} of {asked} calls" if asked else "merged at apply" if merge and storage == "float" else "side paths"
+            how = "merged at apply" if "merged" in report.modes else "side paths"  # fp8 matmuls: no upcast weight
+            how = f"merged per call in {merged} of {asked} calls" if asked else how
             print(f"  {name:28s} apply {seconds:6.2f} s  extra {extra / 2**20:9.1f} MiB  step {without * 1e3:8.1f} ms -> "
-                  f"{with_lora * 1e3:8.1f} ms with the LoRA: x{with_lora / without:.3f}  ({calls})")  # fmt: skip
+                  f"{with_lora * 1e3:8.1f} ms with the LoRA: x{with_lora / without:.3f}  ({how})")  # fmt: skip
             del patched
     print(f"  LoRA file tensors: {results['lora_bytes'] / 2**20:.1f} MiB; base weights "
           f"{sum(p.nbytes for p in base.parameters()) / 2**20:.1f} MiB")  # fmt: skip
