@@ -85,15 +85,16 @@ LOADED = ModelCache()
 
 
 def place_transformer(model, batch: int, img_tokens: int, txt_tokens: int) -> None:
-    """Our Flux (kept on the CPU by the loader) onto the GPU for sampling: ComfyUI first unloads what it holds if we
-    need the room, then the blocks that still do not fit stream (flux_core.streaming); ComfyUI's Unload Models and
-    its own loads can take the weights off again. `model.vram_budget` (the loader's) caps the GPU bytes."""
+    """Our Flux (kept on the CPU by the loader) onto the GPU for sampling: ComfyUI first unloads its Flux models, and
+    what else it holds if we need the room, then the blocks that still do not fit stream (flux_core.streaming);
+    ComfyUI's Unload Models and its own loads can take the weights off again. `model.vram_budget` (the loader's)
+    caps the GPU bytes."""
     device = host.torch_device()
     if device.type != "cuda" or not isinstance(model, flux_core.model.Flux):
         return  # core's transformers are placed by ComfyUI
     budget = getattr(model, "vram_budget", None)
     need = streaming.weight_bytes(model) + streaming.flux_activation_bytes(model, batch, img_tokens, txt_tokens)
-    host.free_memory(need if budget is None else budget, keep=(streaming.placement_of(model),))
+    host.free_memory(need if budget is None else budget, keep=(streaming.placement_of(model),), transformers=True)
     placement = streaming.transformer_on(model, device, batch, img_tokens, txt_tokens, budget)
     if placement is not None:
         host.share_with_comfyui(placement, lambda p: p.resident_bytes, streaming.unload_placement)

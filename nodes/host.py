@@ -209,14 +209,21 @@ def offload_device() -> torch.device:
     return mm.text_encoder_offload_device() if mm is not None else torch.device("cpu")
 
 
-def free_memory(nbytes: int = 0, keep=()) -> None:
+def free_memory(nbytes: int = 0, keep=(), transformers: bool = False) -> None:
     """Room on the GPU: inside ComfyUI it unloads what it holds (models of other packs, its own, ours listed with
-    share_with_comfyui except those in `keep`) until `nbytes` are free; then the caches are emptied."""
+    share_with_comfyui except those in `keep`) until `nbytes` are free; then the caches are emptied. `transformers`:
+    ComfyUI's loaded Flux models (core's, other packs') go whole first, so that switching to ours never leaves two
+    on the GPU (asked for bytes only, ComfyUI offloads part of one and keeps the rest)."""
     mm = _comfy("comfy.model_management")
     if mm is not None:
+        device = mm.get_torch_device()
+        model_base = sys.modules.get("comfy.model_base")  # imported once ComfyUI has loaded a diffusion model
+        if transformers and model_base is not None:
+            others = [e for e in mm.current_loaded_models if not isinstance(e.real_model(), model_base.Flux)]
+            mm.free_memory(1e30, device, keep_loaded=others)  # as unload_all_models, sparing the others
         if nbytes:
             kept = [e for e in mm.current_loaded_models if isinstance(e, ComfyEntry) and e.real_model() in keep]
-            mm.free_memory(nbytes, mm.get_torch_device(), keep_loaded=kept)
+            mm.free_memory(nbytes, device, keep_loaded=kept)
         mm.soft_empty_cache()
     elif torch.cuda.is_available():
         torch.cuda.empty_cache()

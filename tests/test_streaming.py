@@ -208,6 +208,32 @@ def test_comfyui_unload_models_releases_our_placed_model(comfy):
     assert entry.real_model() is None and entry.model_memory() == 0  # held weakly
 
 
+def test_placing_ours_unloads_comfyuis_flux_models_whole(comfy, monkeypatch):
+    """Asked only for bytes, ComfyUI offloads part of a loaded Flux and keeps the rest on the GPU: before our
+    transformer is placed its Flux models (core's, other packs') go whole; its other models stay."""
+    from nodes import host
+
+    model_base = types.ModuleType("comfy.model_base")
+    model_base.Flux = type("Flux", (), {})
+    monkeypatch.setitem(sys.modules, "comfy.model_base", model_base)
+
+    class Loaded:  # comfy.model_management.LoadedModel as free_memory uses it
+        def __init__(self, model):
+            self.device, self.model, self.asked = CPU, model, []
+            self.real_model = lambda: model
+
+        def model_unload(self, memory_to_free=None):
+            self.asked.append(memory_to_free)
+            return True
+
+    flux, clip = Loaded(model_base.Flux()), Loaded(object())
+    comfy.current_loaded_models[:] = [flux, clip]
+    host.free_memory(0)
+    assert comfy.current_loaded_models == [flux, clip]  # nothing asked for, nothing unloaded
+    host.free_memory(0, transformers=True)
+    assert comfy.current_loaded_models == [clip] and flux.asked == [1e30] and not clip.asked
+
+
 def test_comfyui_unload_models_empties_our_cache_on_a_cpu_server(comfy):
     from nodes.common import ModelCache, tensor_bytes
 
