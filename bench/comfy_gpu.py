@@ -219,7 +219,7 @@ def flux_on_gpu(device: str = "cuda") -> dict[str, int]:
     gc.collect()
     found = []  # (label, {storage pointer: bytes})
     for m in gc.get_objects():
-        if not isinstance(m, (Flux, core)):
+        if not issubclass(type(m), (Flux, core)):  # type(): a dead weakref proxy raises on __class__
             continue
         placement = streaming.placement_of(m) if isinstance(m, Flux) else None
         tensors = [*m.parameters(), *m.buffers(), *(placement.slots if placement is not None else [])]
@@ -243,6 +243,9 @@ def comfy_loaded() -> list[str]:
     mm = sys.modules["comfy.model_management"]
     out = []
     for entry in mm.current_loaded_models:
+        if entry.model is None:  # its patcher is gone: ComfyUI drops the entry at its next load
+            out.append("a dead entry")
+            continue
         real = entry.real_model()
         owner = f"FluxKit {type(real).__name__}" if type(entry).__name__ == "ComfyEntry" else type(real).__name__
         out.append(f"{owner} {entry.model_loaded_memory() / GiB:.2f} GiB on {entry.device}")
