@@ -98,7 +98,8 @@ class Linear(nn.Linear):
         down = None if self.lora_down is None else self.lora_down.to(x.dtype)  # stored in the compute dtype: no copy
         side = up is not None  # a side path joins before the activation
         if self.fp8_matmul and x.is_cuda and x.dtype == torch.bfloat16 and not needs_grad(x, weight):
-            out = fp8_linear(x, weight, self.weight_scale, None if bias is None else bias.to(x.dtype), gelu and not side)
+            bias = None if bias is None else bias.to(x.dtype)
+            out = fp8_linear(x, weight, self.weight_scale, bias, gelu and not side)
         else:
             merge = side and self.merges_lora(x, weight, gelu)  # asked of the stored weight, before the upcast
             weight, bias = self.upcast(weight, bias, x.dtype)
@@ -115,15 +116,18 @@ class Linear(nn.Linear):
     def merges_lora(self, x: Tensor, weight: Tensor, gelu: bool) -> bool:
         """Whether this call adds its LoRA into the weight (stored `weight`, its rows) instead of the side path.
 
-        Only where upcast makes a new tensor anyway (stored narrower: fp8, GGUF blocks), outside autograd, and where
-        it moves fewer bytes: adding up @ down into the (out, in) weight reads and writes it once, 2·out·in
+        Only where upcast makes a new tensor anyway (stored in another dtype: fp8, GGUF blocks), outside autograd,
+        and where it moves fewer bytes: adding up @ down into the (out, in) weight reads and writes it once, 2·out·in
         elements; the side path reads x and reads and writes the output (twice with the GELU it unfuses),
         tokens·(in + 2·out or 4·out). At 1024 px (4096 image tokens, 4608 in single blocks) the image stream's
-        attention and MLP layers merge; the text stream (512 tokens) and the modulations (1 token) keep the side
-        path. A weight stored in the compute dtype keeps it always: merging would first copy the whole weight
-        (4·out·in), a win only for the GELU layers, at a weight-sized allocation per call.
+        layers merge (all but the double blocks' img_mlp.2, at break-even); the text stream (512 tokens) and the
+        modulations (1 token) keep the side path. A weight stored in the compute dtype keeps it always: merging
+        would first copy the whole weight (4·out·in), a win only for the GELU layers, at a weight-sized allocation
+        per call.
         """
-        if not self.merge_lora_per_call or weight.dtype == x.dtype or needs_grad(x, weight, self.lora_down, self.lora_up):
+        if not self.merge_lora_per_call or weight.dtype == x.dtype:
+            return False
+        if needs_grad(x, weight, self.lora_down, self.lora_up):  # training: the side path, as autograd had it
             return False
         tokens, out_features = x.numel() // x.shape[-1], weight.shape[0]
         return 2 * out_features * self.in_features < tokens * (self.in_features + (4 if gelu else 2) * out_features)

@@ -26,7 +26,7 @@ from flux_core.conditioning import load_text_encoders
 from flux_core.loading import load_flux
 from flux_core.lora import apply_loras, parse_lora, read_lora
 from flux_core.model import Flux
-from flux_core.ops import Linear
+from flux_core.ops import Linear, enable_fp8_matmul
 
 PARAMS = tiny_params()
 WIDTH, MLP = PARAMS.hidden_size, int(PARAMS.hidden_size * PARAMS.mlp_ratio)
@@ -447,6 +447,35 @@ def test_fp8_loras_keep_the_side_path_under_autograd(fp8_models):
     weight = layer.weight.float() * layer.weight_scale + layer.lora_up @ layer.lora_down
     expected = 2 * F.linear(x.detach(), weight, layer.bias) @ weight
     torch.testing.assert_close(x.grad, expected, rtol=0, atol=1e-5 * expected.abs().max().item())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_fp8_loras_on_the_gpu_merged_per_call_side_paths_fp8_matmuls_compiled(tmp_path, monkeypatch):
+    """bfloat16 on CUDA, against the float32 merge on the CPU: per-call merges (eager and Inductor), side paths only,
+    fp8 matmuls (side paths: no upcast weight to add into). Run on a GPU: pytest tests/test_lora.py -k gpu."""
+    weights = write_flux_fp8(tmp_path / "fp8.safetensors", PARAMS, scaled="weight_scale")
+    save_file(weights, str(tmp_path / "float.safetensors"))
+    model = load_flux(tmp_path / "fp8.safetensors", dtype=torch.bfloat16)
+    lora = parse_lora(kohya_lora(model, seed=17))
+    full = load_flux(tmp_path / "float.safetensors", dtype=torch.float32)
+    expected = run(apply_loras(full, [(lora, 1.0, 1.0)])[0], torch.float32, MANY).double()
+    patched = apply_loras(model, [(lora, 1.0, 1.0)])[0].to("cuda")
+    x = tiny_inputs(PARAMS, rows=MANY[0], cols=MANY[1])  # float32: Flux embeds t before rounding (t rounded moves it)
+    x = {k: None if v is None else v.cuda() for k, v in x.items()}
+    error = lambda out: ((out.double().cpu() - expected).norm() / expected.norm()).item()  # noqa: E731
+    with torch.inference_mode():
+        with LoraCalls(patched) as calls:
+            merged = patched(**x)
+        assert calls.merged > 0 and calls.side > 0 and error(merged) < 0.03
+        with monkeypatch.context() as patch, LoraCalls(patched) as calls:
+            patch.setattr(Linear, "merge_lora_per_call", False)
+            assert error(patched(**x)) < 0.03 and calls.merged == 0
+        torch._dynamo.reset()
+        assert error(patched.twin().compile_blocks(fullgraph=True)(**x)) < 0.03
+        torch._dynamo.reset()
+        assert enable_fp8_matmul(patched) > 0
+        with LoraCalls(patched) as calls:
+            assert error(patched(**x)) < 0.15 and calls.merged == 0 and calls.side > 0  # 8-bit inputs; no LoRA: 0.46
 
 
 def test_float_side_paths_never_merge_into_the_stored_weight(base):
