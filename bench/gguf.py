@@ -9,19 +9,27 @@ its own copy, so memory is real). Variants, each built on the device alone, the 
             Q5_0, Q5_1, Q4_1) quantised by the gguf package; Q5_K and Q4_K by the simple quantiser below (the package
             has no K-quant quantiser; llama.cpp's search for scales is finer, so its error is a little lower).
 Weights whose rows do not split into a type's blocks stay bf16, as city96's files keep them F16.
+With --comfyui and --comfyui-gguf (city96's pack), each GGUF kind is also written to a file as city96's (write_flux:
+the same template, every block the same arrays) that ours (load_flux) and ComfyUI-GGUF (its UnetLoaderGGUF node) load
+in turn: eager ms per step of each and ours / theirs.
 One step = one forward at batch 1 (1024 px: 4096 image + 512 text tokens). Per variant: weight GB on the device,
 median ms per step (eager, and with Flux.compile_blocks), peak GB during the steps (CUDA), and relative errors: of
 the Linear weights as stored against the float32 ones, and of one forward, ||out - out_bf16|| / ||out_bf16||.
 
     python bench/gguf.py                                      # CUDA, flux-dev, 1024 px, eager and compiled
     python bench/gguf.py --device cpu --depth 1 --width 1536 --size 256 --txt 64 --modes eager --steps 2
+    python bench/gguf.py --kinds bf16,Q8_0,Q4_K --modes eager --comfyui .bench_deps/comfyui \
+        --comfyui-gguf .bench_deps/ComfyUI-GGUF                # ComfyUI: 3072 wide only (its Flux has 24 heads)
 """
 import argparse
+import functools
 import gc
+import importlib.util
 import json
 import statistics
 import sys
 import time
+import types
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,6 +41,7 @@ import torch  # noqa: E402
 
 from flux_core.checkpoint import load_weights  # noqa: E402
 from flux_core.gguf import Q, dequantize, use_blocks  # noqa: E402
+from flux_core.loading import load_flux  # noqa: E402
 from flux_core.model import Flux, preset  # noqa: E402
 from flux_core.ops import Linear  # noqa: E402
 from flux_core.sampling import grid_ids  # noqa: E402
@@ -151,6 +160,7 @@ def write_flux(path: Path, params, kind: str, device) -> Path:
         return path
     if kind not in QUANTISED:
         raise SystemExit(f"no GGUF file of {kind}: pick from {', '.join(QUANTISED)}")
+    path.parent.mkdir(parents=True, exist_ok=True)
     start, weights = time.perf_counter(), template(params)
     names, linears = template_names(params, weights)
     linear_names, arrays = {names[k] for k in linears}, {}
@@ -202,6 +212,58 @@ def measure(model: Flux, x: dict, steps: int, device) -> tuple[list[float], torc
     return times, out.float().cpu(), peak
 
 
+def release(device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+@functools.cache
+def comfyui_gguf_loaders(pack: Path) -> dict:
+    """city96's ComfyUI-GGUF imported as ComfyUI imports a custom node folder (a package: relative imports). Its
+    nodes.py imports ComfyUI's nodes module, which needs packages a bench machine may lack (PyAV, scipy); a bare module
+    stands in there (the pack reads it only for its CLIP loaders' inputs)."""
+    try:
+        import nodes  # noqa: F401  (ComfyUI's, first on the path)
+    except ImportError as err:
+        print(f"ComfyUI's nodes module does not import ({err}): a bare one stands in", flush=True)
+        sys.modules["nodes"] = types.ModuleType("nodes")
+    spec = importlib.util.spec_from_file_location("ComfyUI_GGUF", pack / "__init__.py", submodule_search_locations=[str(pack)])
+    module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.NODE_CLASS_MAPPINGS
+
+
+def compare_comfyui_gguf(kind: str, params, x: dict, args, device) -> dict:
+    """Ours and ComfyUI-GGUF on the same file (write_flux), each alone on the device, eager: ours loaded by load_flux
+    as our loader node does; theirs by its UnetLoaderGGUF node, placed and timed as bench/vram.py times ComfyUI."""
+    from bench.vram import comfy_step_ms, import_comfyui
+
+    name = f"flux-{kind}.gguf" if (args.width, args.depth) == (3072, 19) else f"flux-{args.width}-{args.depth}-{kind}.gguf"
+    path = write_flux(args.workdir / name, params, kind, device)
+    model = load_flux(path, dtype=torch.bfloat16, device=device)
+    ours = statistics.median(measure(model, x, args.steps, device)[0])
+    del model
+    release(device)
+    import_comfyui(args.comfyui, device.type)
+    import comfy.model_management
+    import folder_paths
+
+    folder_paths.add_model_folder_path("diffusion_models", str(path.parent))
+    with torch.inference_mode():  # as ComfyUI runs its nodes
+        (patcher,) = comfyui_gguf_loaders(args.comfyui_gguf)["UnetLoaderGGUF"]().load_unet(path.name)
+        theirs = statistics.median(comfy_step_ms(patcher, device.type, args.size, args.txt, 1, args.steps))
+        dtype = patcher.model.get_dtype()
+    comfy.model_management.unload_all_models()
+    del patcher
+    release(device)
+    row = dict(kind=kind, file=str(path), ms_per_step=round(ours, 1), comfyui_gguf_ms_per_step=round(theirs, 1),
+               x_comfyui_gguf=round(ours / theirs, 2), comfyui_dtype=str(dtype))  # fmt: skip
+    print(f"{kind:>5} same file, eager: ours {ours:9.1f} ms/step, ComfyUI-GGUF {theirs:9.1f} ms/step (computing in "
+          f"{dtype}): {row['x_comfyui_gguf']:.2f}x ComfyUI-GGUF's time", flush=True)  # fmt: skip
+    return row
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -213,7 +275,12 @@ def main():
     parser.add_argument("--txt", type=int, default=512, help="text tokens")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per variant and mode")
     parser.add_argument("--json", type=Path, default=None, help="default bench/results/gguf_<device>.json")
+    parser.add_argument("--comfyui", type=Path, help="ComfyUI's source: with --comfyui-gguf, compare on the same file")
+    parser.add_argument("--comfyui-gguf", type=Path, help="city96's ComfyUI-GGUF source (a custom node folder)")
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/fluxkit_vram"), help="GGUF files (as bench/vram.py)")
     args = parser.parse_args()
+    if (args.comfyui is None) != (args.comfyui_gguf is None):
+        raise SystemExit("--comfyui and --comfyui-gguf go together: ComfyUI's source and the ComfyUI-GGUF pack")
     device = torch.device(args.device)
     kinds = args.kinds.split(",")
     modes = (args.modes or ("eager,compiled" if device.type == "cuda" else "eager")).split(",")
@@ -245,14 +312,13 @@ def main():
                   f"{weight_gb:6.2f} GB{peak_text}, rel. error: weights {weight_error:.4f}, output {error:.4f}")  # fmt: skip
             del runner
         del model
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        release(device)
+    compared = [compare_comfyui_gguf(k, params, x, args, device) for k in kinds if k in QUANTISED and args.comfyui]
     path = args.json or REPO / "bench" / "results" / f"gguf_{device.type}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     meta = dict(vars(args), device=str(device), json=str(path), gpu=gpu)
-    path.write_text(json.dumps({"config": meta, "rows": rows}, indent=1))
+    path.write_text(json.dumps({"config": meta, "rows": rows, "comfyui_gguf": compared}, indent=1, default=str))
     print(f"wrote {path}")
 
 

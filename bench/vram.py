@@ -260,11 +260,37 @@ def ours_pipeline(files, weights: str, args) -> dict:
 
 def import_comfyui(path: Path, device: str) -> None:
     """ComfyUI's source first on the path; on a CPU run its --cpu flag set before model management looks for a GPU."""
-    sys.path.insert(0, str(path.resolve()))
+    if str(path.resolve()) not in sys.path:
+        sys.path.insert(0, str(path.resolve()))
     if device == "cpu":
         from comfy.cli_args import args
 
         args.cpu = True
+
+
+def comfy_step_ms(patcher, device: str, size: int, tokens: int, warmup: int, steps: int) -> list[float]:
+    """ms of `steps` of ComfyUI's model (BaseModel.apply_model at batch 1 on the 28-step schedule's times), placed
+    as its sampler places it: load_models_gpu with the model's memory estimate."""
+    import comfy.model_management as mm
+
+    config = patcher.model.model_config.unet_config
+    h = size // 8
+    shape = [1, config["in_channels"], h, h]
+    mm.load_models_gpu(
+        [patcher], memory_required=patcher.model.memory_required([2, *shape[1:]]),
+        minimum_memory_required=patcher.model.memory_required(shape),
+    )  # fmt: skip
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=gen).to(device)
+    context = torch.randn(1, tokens, config["context_in_dim"], generator=gen).to(device)
+    pooled = torch.randn(1, config["vec_in_dim"], generator=gen).to(device)
+    guidance = torch.full((1,), 3.5, device=device)
+    _, times = transformer_inputs(preset("flux-dev"), "cpu", size, tokens, 28)
+
+    def forward(t):
+        return patcher.model.apply_model(x, t, c_crossattn=context, y=pooled, guidance=guidance)
+
+    return time_forwards(forward, times, device, warmup, steps)
 
 
 def comfy_transformer(files, weights: str, args) -> dict:
@@ -273,22 +299,7 @@ def comfy_transformer(files, weights: str, args) -> dict:
 
     options = {} if WEIGHTS[weights] is None else {"dtype": WEIGHTS[weights]}
     patcher = comfy.sd.load_diffusion_model(str(files["flux"]), model_options=options)
-    h = args.size // 8
-    shape = [1, 16, h, h]
-    mm.load_models_gpu(
-        [patcher], memory_required=patcher.model.memory_required([2, *shape[1:]]),
-        minimum_memory_required=patcher.model.memory_required(shape),
-    )  # fmt: skip
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(shape, generator=gen).to(args.device)
-    context = torch.randn(1, args.tokens, 4096, generator=gen).to(args.device)
-    pooled, guidance = torch.randn(1, 768, generator=gen).to(args.device), torch.full((1,), 3.5, device=args.device)
-    _, times = transformer_inputs(preset("flux-dev"), "cpu", args.size, args.tokens, 28)
-
-    def forward(t):
-        return patcher.model.apply_model(x, t, c_crossattn=context, y=pooled, guidance=guidance)
-
-    ms = time_forwards(forward, times, args.device, args.warmup, args.steps)
+    ms = comfy_step_ms(patcher, args.device, args.size, args.tokens, args.warmup, args.steps)
     total, loaded = patcher.model_size(), patcher.loaded_size()
     out = {"ms_per_step": statistics.median(ms), "ms_all": ms, "resident_gib": loaded / GiB, "streamed_gib": (total - loaded) / GiB}
     mm.unload_all_models()
