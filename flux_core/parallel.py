@@ -76,10 +76,6 @@ class Shards:
         dist.all_gather(pieces, padded.contiguous(), group=self.group)
         return torch.cat([piece[:, :size] for piece, size in zip(pieces, self.img_sizes)], dim=1)
 
-    def _global(self, rank: int) -> int:
-        """A rank of the group as point-to-point calls name it: its global rank."""
-        return dist.get_global_rank(self.group, rank)
-
     @contextlib.contextmanager
     def attending(self) -> Iterator[None]:
         """flux_core.math.attention runs over the whole sequence while the blocks run."""
@@ -96,30 +92,24 @@ class Shards:
         batch, length, heads, dim = v.shape
         if heads % self.world:
             raise ValueError(f"sequence parallel needs the head count ({heads}) divisible by the ranks ({self.world})")
-        local = heads // self.world
+        local, total = heads // self.world, sum(self.sizes)
         # The exchange's buffers: v's dtype, which the attention computes in, unless the CPU path wants float32 q, k
-        # (then v rides along in float32, exactly, and is cast back). Each rank receives each of q, k, v whole,
-        # (L, B, h, D) in rank order: a layout (B, L, h, D) that the attention kernels take as they take one
-        # device's tensors. The sends and receives go in one batch (one NCCL launch for q, k and v: the calls,
-        # not the bytes, are most of this exchange's time at 1024 px).
+        # (then v rides along in float32, exactly, and is cast back). Laid out (destination, token, ...) so that each
+        # rank receives each of q, k, v whole, (L, B, h, D) in rank order: no concatenation after, and a layout
+        # (B, L, h, D) that the attention kernels take as they take one device's tensors.
         dtype = torch.float32 if onednn_inference(v, q, k) else v.dtype
-        send = v.new_empty(self.world, 3, length, batch, local, dim, dtype=dtype)  # (W, 3, L_r, B, h, D)
+        send = v.new_empty(3, self.world, length, batch, local, dim, dtype=dtype)
         for i, t in enumerate((q, k, v)):  # one strided copy each, casting on the way
-            send[:, i] = t.view(batch, length, self.world, local, dim).permute(2, 1, 0, 3, 4)
-        received = send.new_empty(3, sum(self.sizes), batch, local, dim)  # (3, L, B, h, D)
-        starts = [sum(self.sizes[:r]) for r in range(self.world)]
-        piece = lambda r: received.narrow(1, starts[r], self.sizes[r])  # noqa: E731  (3, L_r, B, h, D) from rank r
-        piece(self.rank).copy_(send[self.rank])
-        peers = [r for r in range(self.world) if r != self.rank]
-        ops = [dist.P2POp(dist.isend, send[r, i], self._global(r), self.group) for r in peers for i in range(3)]
-        ops += [dist.P2POp(dist.irecv, piece(r)[i], self._global(r), self.group) for r in peers for i in range(3)]
-        for request in dist.batch_isend_irecv(ops):
-            request.wait()
+            send[i] = t.view(batch, length, self.world, local, dim).permute(2, 1, 0, 3, 4)
+        received = send.new_empty(3, total, batch, local, dim)
+        per_token = batch * local * dim
+        for i in range(3):
+            dist.all_to_all_single(received[i].view(-1), send[i].view(-1), [n * per_token for n in self.sizes],
+                                   [length * per_token] * self.world, group=self.group)  # fmt: skip
         q, k, v_all = received.transpose(1, 2)  # each (B, L, h, D)
         out = flux_math.local_attention(q, k, v_all.to(v.dtype))  # (B, L, h*D)
         send = out.transpose(0, 1).contiguous()  # (L, B, h*D): each rank's tokens one slice (a view when B = 1)
         received = send.new_empty(self.world, length, batch, local * dim)
-        per_token = batch * local * dim
         dist.all_to_all_single(received.view(-1), send.view(-1), [length * per_token] * self.world,
                                [n * per_token for n in self.sizes], group=self.group)  # fmt: skip
         return received.permute(2, 1, 0, 3).reshape(batch, length, heads * dim)  # (B, L_r, W * h * D)
