@@ -4,7 +4,7 @@
     torchrun --nproc-per-node 2 bench/distributed.py --small  # CPU: gloo, float32, tiny shapes (proves the script)
 
 Rank 0 first measures one device alone (before the process group forms), then every rank measures together:
-  train      seq2seq training steps/s of one global batch: DDP over N ranks vs one process (loss curves compared)
+  train B    seq2seq training steps/s of one global batch of B: DDP over N ranks vs one process (loss curves compared)
   images     a 16-image job (pipeline.sample, image i from seed i) split over the ranks vs one device (latents compared)
   sp WxH     one sampling step (a forward) of one image, sequence-parallel (Ulysses) vs one device (outputs compared),
              with the all-to-all bytes each rank sends per step and their time (the same all_to_all_single calls alone)
@@ -41,10 +41,10 @@ TINY = dict(in_channels=64, out_channels=64, vec_in_dim=32, context_in_dim=64, h
 SHAPES = {  # flux: the image model; sizes: pixels of the one-image runs; train: the seq2seq model and its data
     "gpu": dict(flux=preset("flux-dev"), txt=512, sizes=(1024, 2048), job=(16, 1024), steps=4, repeats=5,
                 train=dict(hidden_size=2048, num_heads=16, depth=4, depth_single_blocks=8), tokens=(256, 1024),
-                width=64, batch=16, train_steps=10),
+                width=64, batches=(16, 64), train_steps=10),
     "small": dict(flux=FluxParams(**TINY), txt=32, sizes=(128, 256), job=(4, 128), steps=2, repeats=3,
                   train=dict(hidden_size=128, num_heads=4, depth=1, depth_single_blocks=1, axes_dim=[8, 12, 12]),
-                  tokens=(16, 64), width=8, batch=8, train_steps=4),
+                  tokens=(16, 64), width=8, batches=(8,), train_steps=4),
 }  # fmt: skip
 TARGETS = {"train": 1.8, "images": 1.9, "sp 1024": 1 / 0.6, "sp 2048": 1 / 0.55}
 
@@ -100,13 +100,13 @@ class RandomPairs:
         return dict(name=self.name, cond_len=self.cond_len, data_len=self.data_len, width=self.width)
 
 
-def bench_train(shape: dict, device: torch.device, profile: str | None, label: str) -> tuple[float, list[float]]:
+def bench_train(shape: dict, batch: int, device: torch.device, profile: str | None, label: str) -> tuple[float, list]:
     """Seconds per optimizer step (median after one) and the loss curve; with `profile`, one more step profiled."""
     cond_len, data_len = shape["tokens"]
     width = shape["width"]
     params = preset("seq2seq-points", in_channels=width, out_channels=width, vec_in_dim=0, context_in_dim=width,
                     **shape["train"])  # fmt: skip
-    config = TrainConfig(steps=shape["train_steps"] + 1, batch_size=shape["batch"], warmup=1, lr=1e-4,
+    config = TrainConfig(steps=shape["train_steps"] + 1, batch_size=batch, warmup=1, lr=1e-4,
                          bf16=device.type == "cuda")  # fmt: skip
     trainer = Trainer(params, RandomPairs(cond_len, data_len, width), config, device=device)
     seconds, _ = timed(trainer.train_step, device, shape["train_steps"])
@@ -243,7 +243,9 @@ def main() -> None:
 def measure(args, shape: dict, device: torch.device, dtype: torch.dtype, rank: int, world: int) -> dict:
     results, only = {}, args.only
     if "train" in only:
-        results["train"] = bench_train(shape, device, args.profile, f"train_{world}ranks_rank{rank}")
+        for batch in shape["batches"]:  # the gradient all-reduce's bytes are per step: larger batches hide it
+            label = f"train{batch}_{world}ranks_rank{rank}"
+            results[f"train {batch}"] = bench_train(shape, batch, device, args.profile, label)
     if "images" in only or "sp" in only:
         model = random_flux(shape["flux"], device, dtype)
         if args.compile:
@@ -272,9 +274,9 @@ def report(single: dict, together: dict, world: int) -> list[dict]:
     rows = []
     for name, (seconds, result, *extra) in together.items():
         base_seconds, base = single[name][0], single[name][1]
-        if name == "train":
+        if name.startswith("train"):
             check = f"loss curve max rel diff {max(abs(a - b) / abs(b) for a, b in zip(result, base)):.1e}"
-            what = "seq2seq train step"
+            what = f"seq2seq step, batch {name[6:]}"
         elif name == "images":
             check = f"latents max rel diff {max(relative_error(result[i], base[i]) for i in base):.1e}"
             what = f"{len(base)}-image job"
@@ -284,7 +286,7 @@ def report(single: dict, together: dict, world: int) -> list[dict]:
             check += f"; all-to-all {mib:.1f} MiB/rank/step in {comm * 1e3:.1f} ms"
             what = f"one image {name[3:]}^2 step"
         speedup = base_seconds / seconds
-        target = TARGETS.get(name, math.nan)
+        target = TARGETS.get(name.split()[0] if name.startswith("train") else name, math.nan)
         goal = f"target {target:.2f}x" if math.isfinite(target) else "no target"
         line = (f"{what:<24} 1: {base_seconds * 1e3:9.1f} ms  {world}: {seconds * 1e3:9.1f} ms  speedup {speedup:5.2f}x"
                 f" ({goal})  {check}")  # fmt: skip
