@@ -234,6 +234,14 @@ def comfyui_gguf_loaders(pack: Path) -> dict:
     return module.NODE_CLASS_MAPPINGS
 
 
+def comfyui_gguf_unet(pack: Path, path: Path):
+    """The ModelPatcher ComfyUI-GGUF's UnetLoaderGGUF node gives for this file (ComfyUI imported first)."""
+    import folder_paths
+
+    folder_paths.add_model_folder_path("diffusion_models", str(path.parent))
+    return comfyui_gguf_loaders(pack)["UnetLoaderGGUF"]().load_unet(path.name)[0]
+
+
 def compare_comfyui_gguf(kind: str, params, x: dict, args, device) -> dict:
     """Ours and ComfyUI-GGUF on the same file (write_flux), each alone on the device, eager: ours loaded by load_flux
     as our loader node does; theirs by its UnetLoaderGGUF node, placed and timed as bench/vram.py times ComfyUI."""
@@ -247,11 +255,9 @@ def compare_comfyui_gguf(kind: str, params, x: dict, args, device) -> dict:
     release(device)
     import_comfyui(args.comfyui, device.type)
     import comfy.model_management
-    import folder_paths
 
-    folder_paths.add_model_folder_path("diffusion_models", str(path.parent))
     with torch.inference_mode():  # as ComfyUI runs its nodes
-        (patcher,) = comfyui_gguf_loaders(args.comfyui_gguf)["UnetLoaderGGUF"]().load_unet(path.name)
+        patcher = comfyui_gguf_unet(args.comfyui_gguf, path)
         theirs = statistics.median(comfy_step_ms(patcher, device.type, args.size, args.txt, 1, args.steps))
         dtype = patcher.model.get_dtype()
     comfy.model_management.unload_all_models()

@@ -11,7 +11,8 @@ Q4_K, ...) are flux-<type>.gguf files as city96's (bench/gguf.py's write_flux), 
     CPU first: end-to-end seconds and ms per step.
   comfyui (--comfyui PATH): ComfyUI's native Flux on the same file, loaded as its loader nodes do
     (comfy.sd.load_diffusion_model with weight_dtype, comfy.model_management.load_models_gpu with the sampler's
-    memory estimate), BaseModel.apply_model timed the same way.
+    memory estimate), BaseModel.apply_model timed the same way; GGUF files through city96's pack (--comfyui-gguf
+    PATH: its UnetLoaderGGUF node).
 Each cell prints OK / OOM, ms/step, peak VRAM (max allocated minus the blocker), resident and streamed GiB, and the
 link floor: bytes streamed per step over the pinned host-to-GPU bandwidth measured first.
 
@@ -36,7 +37,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:1] = [str(REPO), str(REPO / "tests")]  # not bench/ itself: bench/gguf.py would shadow the gguf package
 
-from bench.gguf import QUANTISED, write_flux  # noqa: E402
+from bench.gguf import QUANTISED, comfyui_gguf_unet, write_flux  # noqa: E402
 from bench.gpu_flux_dev import random_fill_  # noqa: E402
 from tiny_text import tiny_clip_config, tiny_t5_config  # noqa: E402
 from transformers import CLIPTextModel, T5EncoderModel  # noqa: E402
@@ -297,8 +298,11 @@ def comfy_transformer(files, weights: str, args) -> dict:
     import comfy.model_management as mm
     import comfy.sd
 
-    options = {} if WEIGHTS[weights] is None else {"dtype": WEIGHTS[weights]}
-    patcher = comfy.sd.load_diffusion_model(str(files["flux"]), model_options=options)
+    if weights in QUANTISED:  # ComfyUI reads GGUF through city96's pack only
+        patcher = comfyui_gguf_unet(args.comfyui_gguf, files[weights])
+    else:
+        options = {} if WEIGHTS[weights] is None else {"dtype": WEIGHTS[weights]}
+        patcher = comfy.sd.load_diffusion_model(str(files["flux"]), model_options=options)
     ms = comfy_step_ms(patcher, args.device, args.size, args.tokens, args.warmup, args.steps)
     total, loaded = patcher.model_size(), patcher.loaded_size()
     out = {"ms_per_step": statistics.median(ms), "ms_all": ms, "resident_gib": loaded / GiB, "streamed_gib": (total - loaded) / GiB}
@@ -352,6 +356,7 @@ def main() -> None:
     parser.add_argument("--weights", nargs="+", choices=WEIGHTS, default=["bf16", "fp8"], help="GGUF: flux-<type>.gguf")
     parser.add_argument("--only", nargs="+", choices=("transformer", "pipeline", "comfyui"), default=["transformer", "pipeline", "comfyui"])
     parser.add_argument("--comfyui", type=Path, help="a ComfyUI source folder: also run its native Flux")
+    parser.add_argument("--comfyui-gguf", type=Path, help="city96's ComfyUI-GGUF: ComfyUI's cells of GGUF weights")
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--tokens", type=int, default=512)
     parser.add_argument("--steps", type=int, default=5, help="timed forwards per transformer cell")
@@ -383,8 +388,8 @@ def main() -> None:
     for cap in args.caps if args.device == "cuda" else [None]:
         for weights in args.weights:
             for what in args.only:
-                if what == "comfyui" and (not args.comfyui or weights in QUANTISED):
-                    continue  # ComfyUI reads GGUF only through ComfyUI-GGUF: bench/gguf.py --comfyui-gguf
+                if what == "comfyui" and (not args.comfyui or weights in QUANTISED and not args.comfyui_gguf):
+                    continue
                 key = f"{cap}/{weights}/{what}"
                 start = time.perf_counter()
                 results[key] = run_cell(lambda: cells[what](files, weights, args), Card(None if cap is None else int(cap * GiB), args.device))
