@@ -242,32 +242,36 @@ def comfyui_gguf_unet(pack: Path, path: Path):
     return comfyui_gguf_loaders(pack)["UnetLoaderGGUF"]().load_unet(path.name)[0]
 
 
-def compare_comfyui_gguf(kind: str, params, x: dict, args, device) -> dict:
-    """Ours and ComfyUI-GGUF on the same file (write_flux), each alone on the device, eager: ours loaded by load_flux
-    as our loader node does; theirs by its UnetLoaderGGUF node, placed and timed as bench/vram.py times ComfyUI."""
+def compare_comfyui_gguf(kinds: list[str], params, x: dict, args, device) -> list[dict]:
+    """Ours and ComfyUI-GGUF on the same files (write_flux), each model alone on the device, eager: ours loaded by
+    load_flux as our loader node does; theirs by its UnetLoaderGGUF node, placed and timed as bench/vram.py times
+    ComfyUI. Ours run first: importing ComfyUI sets backend flags (SDPA reductions)."""
     from bench.vram import comfy_step_ms, import_comfyui
 
-    name = f"flux-{kind}.gguf" if (args.width, args.depth) == (3072, 19) else f"flux-{args.width}-{args.depth}-{kind}.gguf"
-    path = write_flux(args.workdir / name, params, kind, device)
-    model = load_flux(path, dtype=torch.bfloat16, device=device)
-    ours = statistics.median(measure(model, x, args.steps, device)[0])
-    del model
-    release(device)
+    files, ours, rows = {}, {}, []
+    for kind in kinds:
+        shape = "" if (args.width, args.depth) == (3072, 19) else f"{args.width}-{args.depth}-"
+        files[kind] = write_flux(args.workdir / f"flux-{shape}{kind}.gguf", params, kind, device)
+        model = load_flux(files[kind], dtype=torch.bfloat16, device=device)
+        ours[kind] = statistics.median(measure(model, x, args.steps, device)[0])
+        del model
+        release(device)
     import_comfyui(args.comfyui, device.type)
     import comfy.model_management
 
-    with torch.inference_mode():  # as ComfyUI runs its nodes
-        patcher = comfyui_gguf_unet(args.comfyui_gguf, path)
-        theirs = statistics.median(comfy_step_ms(patcher, device.type, args.size, args.txt, 1, args.steps))
-        dtype = patcher.model.get_dtype()
-    comfy.model_management.unload_all_models()
-    del patcher
-    release(device)
-    row = dict(kind=kind, file=str(path), ms_per_step=round(ours, 1), comfyui_gguf_ms_per_step=round(theirs, 1),
-               x_comfyui_gguf=round(ours / theirs, 2), comfyui_dtype=str(dtype))  # fmt: skip
-    print(f"{kind:>5} same file, eager: ours {ours:9.1f} ms/step, ComfyUI-GGUF {theirs:9.1f} ms/step (computing in "
-          f"{dtype}): {row['x_comfyui_gguf']:.2f}x ComfyUI-GGUF's time", flush=True)  # fmt: skip
-    return row
+    for kind, path in files.items():
+        with torch.inference_mode():  # as ComfyUI runs its nodes
+            patcher = comfyui_gguf_unet(args.comfyui_gguf, path)
+            theirs = statistics.median(comfy_step_ms(patcher, device.type, args.size, args.txt, 1, args.steps))
+            dtype = patcher.model.get_dtype()
+        comfy.model_management.unload_all_models()
+        del patcher
+        release(device)
+        rows.append(dict(kind=kind, file=str(path), ms_per_step=round(ours[kind], 1), comfyui_dtype=str(dtype),
+                         comfyui_gguf_ms_per_step=round(theirs, 1), x_comfyui_gguf=round(ours[kind] / theirs, 2)))  # fmt: skip
+        print(f"{kind:>5} same file, eager: ours {ours[kind]:9.1f} ms/step, ComfyUI-GGUF {theirs:9.1f} ms/step (computing "
+              f"in {dtype}): {rows[-1]['x_comfyui_gguf']:.2f}x ComfyUI-GGUF's time", flush=True)  # fmt: skip
+    return rows
 
 
 def main():
@@ -319,7 +323,7 @@ def main():
             del runner
         del model
         release(device)
-    compared = [compare_comfyui_gguf(k, params, x, args, device) for k in kinds if k in QUANTISED and args.comfyui]
+    compared = compare_comfyui_gguf([k for k in kinds if k in QUANTISED], params, x, args, device) if args.comfyui else []
     path = args.json or REPO / "bench" / "results" / f"gguf_{device.type}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
