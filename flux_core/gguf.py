@@ -175,16 +175,17 @@ def dequantize(raw: Tensor, qtype: Q, dtype: torch.dtype = torch.float32) -> Ten
         q, scale, offset = unpack(blocks)
         out = q.float() * scale if offset is None else q.float() * scale + offset
         return out.reshape(*raw.shape[:-1], -1).to(dtype)
-    out = raw.new_empty(*raw.shape[:-1], blocks.shape[-2] * block_size, dtype=dtype)
-    rows = max(1, EAGER_CHUNK // out.shape[-1]) if raw.ndim == 2 and raw.device.type == "cpu" else len(raw)
-    for start in range(0, len(raw), rows):
+    blocks = blocks.reshape(-1, *blocks.shape[-2:])  # (rows, blocks, type_size)
+    out = raw.new_empty(len(blocks), blocks.shape[1] * block_size, dtype=dtype)
+    rows = max(1, EAGER_CHUNK // out.shape[1]) if raw.device.type == "cpu" else len(out)
+    for start in range(0, len(out), rows):
         q, scale, offset = unpack(blocks[start : start + rows])
         part = out[start : start + rows].view(q.shape)
         if offset is None:
             torch.mul(q, scale, out=part)
         else:
             torch.addcmul(offset, q, scale, out=part)
-    return out
+    return out.reshape(*raw.shape[:-1], -1)
 
 
 class GGUFLinear(Linear):

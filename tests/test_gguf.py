@@ -110,6 +110,7 @@ def test_dequantize_matches_the_gguf_package_bit_for_bit(qtype, monkeypatch):
         assert torch.equal(dequantize(raw, qtype, torch.bfloat16), expected.bfloat16())  # rounded once
         assert torch.equal(compiled(raw, qtype, torch.bfloat16), expected.bfloat16())
         assert torch.equal(dequantize(raw[2:5], qtype), expected[2:5])  # rows stand alone (Linear's `rows`)
+        assert torch.equal(dequantize(raw[3], qtype), expected[3])  # one row alone (a 1-D tensor)
         with monkeypatch.context() as patch:
             patch.setattr(flux_core.gguf, "EAGER_CHUNK", 1024)  # two rows at a time, as big layers go when eager
             assert torch.equal(dequantize(raw, qtype, torch.bfloat16), expected.bfloat16())
