@@ -46,7 +46,7 @@ class FluxKitLoraLoader:
                     "default": "merge",
                     "tooltip": "merge: the LoRA is added into a copy of each layer it changes (full speed, memory for "
                     "those layers). side path: kept beside the weights (little memory, slightly slower steps). fp8 "
-                    "models always use a side path.",
+                    "and GGUF models keep the LoRA low rank, never rounded into their weights.",
                 }),
             },
         }  # fmt: skip
