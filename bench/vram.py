@@ -385,9 +385,10 @@ def main() -> None:
         import_comfyui(args.comfyui, args.device)
     cells = {"transformer": ours_transformer, "pipeline": ours_pipeline, "comfyui": comfy_transformer}
     results = report.setdefault("results", {})
-    for cap in args.caps if args.device == "cuda" else [None]:
-        for weights in args.weights:
-            for what in args.only:
+    order = [w for w in ("transformer", "pipeline", "comfyui") if w in args.only]  # ComfyUI's import sets backend flags
+    for what in order:
+        for cap in args.caps if args.device == "cuda" else [None]:
+            for weights in args.weights:
                 if what == "comfyui" and (not args.comfyui or weights in QUANTISED and not args.comfyui_gguf):
                     continue
                 key = f"{cap}/{weights}/{what}"
