@@ -127,6 +127,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--compile", action="store_true", help="compile_blocks() the base and the patched model")
+    parser.add_argument("--ways", nargs="*", help="only these rows (names as printed)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     cuda = device.type == "cuda"
@@ -154,12 +156,16 @@ def main(argv=None) -> dict:
         path = Path(folder) / "lora.safetensors"
         results["lora_bytes"] = write_lora(base, path)
         for name, storage, merge, per_call in ways:
+            if args.ways and name not in args.ways:
+                continue
             model = bases[storage]
             start = clock(device)
             patched, _, (report,) = apply_loras(model, [(read_lora(path), 1.0, 1.0)], merge=merge)
             seconds = clock(device) - start
             Linear.merge_lora_per_call = per_call
             merged, asked = merged_calls(patched, x)
+            if args.compile:  # each its own compiled twin; the bases stay eager for the next rows
+                model, patched = model.twin().compile_blocks(), patched.compile_blocks()
             without, with_lora = step_times([model, patched], x, device, args.warmup, args.repeats)
             Linear.merge_lora_per_call = True
             extra = extra_bytes(patched, model)
