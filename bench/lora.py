@@ -7,9 +7,9 @@ memory the patched model holds beyond the base, and step time with the LoRA vs w
     python bench/lora.py --double 2 --single 4 --image-tokens 1024 --json out.json
 
 Ways: float weights merged at apply (a new tensor per patched layer); float weights with a side path (merge=False);
-fp8 weights upcast per call with the LoRA added into the upcast weight where that moves fewer bytes (ops.Linear.
-merges_lora: the image stream's layers at 1024 px) and a side path elsewhere; the same with side paths only (the
-previous way, for comparison); on CUDA fp8 matmuls (fp8_e4m3fn_fast), which have no upcast weight: side paths. Each
+fp8 weights upcast per call with the LoRA added into the upcast weight (ops.Linear.lora_mode: with Triton on a
+GPU every layer, in the upcast's own pass; else where that moves fewer bytes, the image stream's layers at 1024 px)
+and a side path elsewhere; the same with side paths only (the previous way, for comparison); on CUDA fp8 matmuls (fp8_e4m3fn_fast), which have no upcast weight: side paths. Each
 row says in how many of one step's LoRA'd layer calls the LoRA was merged per call. Each "with" is timed against its
 own base model, runs alternating, median after warm-up, inference_mode. On the CPU the time is the process's CPU time
 (time.process_time), which other processes on a shared machine barely disturb; on CUDA it is wall time between
@@ -105,15 +105,22 @@ def step_times(models: list[nn.Module], x: dict, device, warmup: int, repeats: i
 
 
 def merged_calls(model: nn.Module, x: dict) -> tuple[int, int]:
-    """(LoRA'd layer calls that merged per call, those that asked) in one forward; fp8 matmuls never ask."""
-    asked, decide = [], Linear.merges_lora
-    Linear.merges_lora = lambda self, *args: asked.append(decide(self, *args)) or asked[-1]
+    """(LoRA'd layer calls that added the LoRA into their weight, those that asked) in one forward (Linear.lora_mode;
+    fp8 matmuls never ask)."""
+    modes, decide = [], Linear.lora_mode
+
+    def counting(self, *args):
+        mode = decide(self, *args)
+        modes.extend([mode] if mode is not None else [])
+        return mode
+
+    Linear.lora_mode = counting
     try:
         with torch.inference_mode():
             model(**x)
     finally:
-        Linear.merges_lora = decide
-    return sum(asked), len(asked)
+        Linear.lora_mode = decide
+    return sum(mode != "side" for mode in modes), len(modes)
 
 
 def main(argv=None) -> dict:

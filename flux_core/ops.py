@@ -5,6 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import kernels
+
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 FP8_E4M3_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448
 
@@ -94,18 +96,15 @@ class Linear(nn.Linear):
         weight, bias = self.weight, self.bias
         if rows is not None:
             weight, bias = weight[rows], None if bias is None else bias[rows]
-        up = None if self.lora_up is None else (self.lora_up if rows is None else self.lora_up[rows]).to(x.dtype)
-        down = None if self.lora_down is None else self.lora_down.to(x.dtype)  # stored in the compute dtype: no copy
-        side = up is not None  # a side path joins before the activation
+        up, down = self.lora_factors(x.dtype, rows)
         if self.fp8_matmul and x.is_cuda and x.dtype == torch.bfloat16 and not needs_grad(x, weight):
+            side = up is not None  # a side path joins before the activation
             bias = None if bias is None else bias.to(x.dtype)
             out = fp8_linear(x, weight, self.weight_scale, bias, gelu and not side)
         else:
-            merge = side and self.merges_lora(x, weight, gelu)  # asked of the stored weight, before the upcast
-            weight, bias = self.upcast(weight, bias, x.dtype)
-            if merge:  # into this call's own weight, never the stored one; one GEMM
-                weight.addmm_(up, down)
-            side = side and not merge
+            mode = self.lora_mode(x, weight, gelu)
+            weight, bias = self.call_weight(x, weight, bias, up, down, mode)
+            side = mode == "side"
             out = linear(x, weight, bias, gelu=gelu and not side)
         if not side:
             return out
@@ -113,21 +112,49 @@ class Linear(nn.Linear):
         out.view(-1, out.shape[-1]).addmm_(hidden.reshape(-1, hidden.shape[-1]), up.t())
         return F.gelu(out, approximate="tanh") if gelu else out
 
-    def merges_lora(self, x: Tensor, weight: Tensor, gelu: bool) -> bool:
-        """Whether this call adds its LoRA into the weight (stored `weight`, its rows) instead of the side path.
+    def lora_factors(self, dtype: torch.dtype, rows: slice | None = None) -> tuple[Tensor | None, Tensor | None]:
+        """(up (out, R) or its rows, down (R, in)) at `dtype` (stored in the compute dtype: no copy), or Nones."""
+        if self.lora_up is None:
+            return None, None
+        return (self.lora_up if rows is None else self.lora_up[rows]).to(dtype), self.lora_down.to(dtype)
 
-        Only where upcast makes a new tensor anyway (stored in another dtype: fp8, GGUF blocks), outside autograd,
-        and where it moves fewer bytes: adding up @ down into the (out, in) weight reads and writes it once, 2·out·in
-        elements; the side path reads x and reads and writes the output (twice with the GELU it unfuses),
-        tokens·(in + 2·out or 4·out). At 1024 px (4096 image tokens, 4608 in single blocks) the image stream's
-        layers merge (all but the double blocks' img_mlp.2, at break-even); the text stream (512 tokens) and the
-        modulations (1 token) keep the side path. A weight stored in the compute dtype keeps it always: merging
-        would first copy the whole weight (4·out·in), a win only for the GELU layers, at a weight-sized allocation
-        per call.
+    def call_weight(self, x: Tensor, weight: Tensor, bias: Tensor | None, up: Tensor | None, down: Tensor | None,
+                    mode: str | None) -> tuple[Tensor, Tensor | None]:  # fmt: skip
+        """(weight, bias) as this call multiplies by: upcast, with the LoRA added if `mode` (see lora_mode) adds it
+        per call. Never writes into the stored weight."""
+        if mode == "fused":
+            bias = None if bias is None else bias.to(x.dtype)
+            return kernels.upcast_lora(weight, self.weight_scale, up, down, x.dtype), bias
+        weight, bias = self.upcast(weight, bias, x.dtype)
+        if mode == "merge":  # into this call's own weight, never the stored one; one GEMM
+            weight.addmm_(up, down)
+        return weight, bias
+
+    def lora_mode(self, x: Tensor, weight: Tensor, gelu: bool) -> str | None:
+        """How this call applies its LoRA (stored `weight`, its rows): None without one; "fused": float8 weights on
+        a GPU with Triton upcast with the LoRA added in the same pass (kernels.upcast_lora: no bytes beyond the
+        upcast, so every layer takes it); "merge": added into the weight this call upcasts anyway, where that
+        moves fewer bytes than the side path (merges_lora); else "side". Training keeps the side path."""
+        if self.lora_up is None:
+            return None
+        if not self.merge_lora_per_call or needs_grad(x, weight, self.lora_down, self.lora_up):
+            return "side"
+        if weight.dtype in FP8_DTYPES and kernels.upcast_lora_fits(weight, x.dtype):
+            return "fused"
+        return "merge" if self.merges_lora(x, weight, gelu) else "side"
+
+    def merges_lora(self, x: Tensor, weight: Tensor, gelu: bool) -> bool:
+        """Whether adding the LoRA into this call's upcast weight moves fewer bytes than the side path.
+
+        Only where upcast makes a new tensor anyway (stored in another dtype: fp8, GGUF blocks). Adding up @ down
+        into the (out, in) weight reads and writes it once, 2·out·in elements; the side path reads x and reads and
+        writes the output (twice with the GELU it unfuses), tokens·(in + 2·out or 4·out). At 1024 px (4096 image
+        tokens, 4608 in single blocks) the image stream's layers merge (all but the double blocks' img_mlp.2, at
+        break-even); the text stream (512 tokens) and the modulations (1 token) keep the side path. A weight stored
+        in the compute dtype keeps it always: merging would first copy the whole weight (4·out·in), a win only for
+        the GELU layers, at a weight-sized allocation per call.
         """
-        if not self.merge_lora_per_call or weight.dtype == x.dtype:
-            return False
-        if needs_grad(x, weight, self.lora_down, self.lora_up):  # training: the side path, as autograd had it
+        if weight.dtype == x.dtype:
             return False
         tokens, out_features = x.numel() // x.shape[-1], weight.shape[0]
         return 2 * out_features * self.in_features < tokens * (self.in_features + (4 if gelu else 2) * out_features)
@@ -135,10 +162,13 @@ class Linear(nn.Linear):
     def forward_concat(self, parts: tuple[Tensor, ...]) -> Tensor:
         """self(torch.cat(parts, -1)). On CUDA without the concatenated copy: one GEMM per part, each taking its
         columns of the weight and accumulating into one output (oneDNN on the CPU wants a dense weight)."""
-        if not parts[0].is_cuda or self.fp8_matmul or self.lora_up is not None or needs_grad(*parts):
+        if not parts[0].is_cuda or self.fp8_matmul or needs_grad(*parts):
             return self(torch.cat(parts, dim=-1))
         first, *rest = parts
-        weight, bias = self.upcast(self.weight, self.bias, first.dtype)
+        mode = self.lora_mode(first, self.weight, gelu=False)
+        if mode == "side":
+            return self(torch.cat(parts, dim=-1))
+        weight, bias = self.call_weight(first, self.weight, self.bias, *self.lora_factors(first.dtype), mode)
         out = linear(first, weight[:, : first.shape[-1]], bias)  # (..., out_features)
         start = first.shape[-1]
         for part in rest:

@@ -1,0 +1,45 @@
+"""flux_core.kernels (Triton) against the closed form. On a CUDA GPU with Triton, or on the CPU through Triton's
+interpreter: TRITON_INTERPRET=1 (float16 there: the interpreter computes through numpy, which has no bfloat16)."""
+import os
+
+import pytest
+import torch
+
+from flux_core import kernels
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICE = "cpu" if INTERPRETED else "cuda"
+pytestmark = pytest.mark.skipif(
+    not kernels.TRITON or not (INTERPRETED or torch.cuda.is_available()),
+    reason="needs Triton and a CUDA GPU, or Triton with TRITON_INTERPRET=1",
+)
+
+
+@pytest.mark.parametrize(
+    "rows, cols, rank, scale, stored",
+    [(256, 512, 32, None, torch.float8_e4m3fn), (200, 300, 20, 0.37, torch.float8_e4m3fn),  # edges, odd rank
+     (130, 257, 4, 2.5, torch.float8_e5m2), (64, 96, 128, None, torch.float8_e4m3fn)],
+)  # fmt: skip
+def test_upcast_lora_is_the_closed_form_rounded_once(rows, cols, rank, scale, stored):
+    dtype = torch.float16 if INTERPRETED else torch.bfloat16
+    generator = torch.Generator().manual_seed(rows + rank)
+    weight = (2 * torch.randn(rows, cols, generator=generator)).to(stored)
+    up = (0.3 * torch.randn(rows, rank, generator=generator)).to(dtype)
+    down = (0.3 * torch.randn(rank, cols, generator=generator)).to(dtype)
+    scale_tensor = None if scale is None else torch.tensor(scale, device=DEVICE)
+    on = lambda t: t.to(DEVICE)  # noqa: E731
+    out = kernels.upcast_lora(on(weight), scale_tensor, on(up), on(down), dtype).cpu()
+    expected = weight.double() * (1 if scale is None else scale) + up.double() @ down.double()
+    assert out.dtype == dtype and out.shape == (rows, cols)
+    ulp = torch.finfo(dtype).eps  # one rounding to the compute dtype, after a float32 accumulation
+    torch.testing.assert_close(out.double(), expected, rtol=ulp, atol=1e-6 * expected.abs().max().item())
+    lora = (up.double() @ down.double()).abs()
+    assert (lora > 8 * ulp * expected.abs()).any()  # the LoRA is large enough that leaving it out would fail
+
+
+def test_upcast_lora_fits_only_where_the_kernel_runs():
+    assert not kernels.upcast_lora_fits(torch.zeros(4, 4, dtype=torch.float8_e4m3fn), torch.bfloat16)  # CPU tensor
+    if torch.cuda.is_available():
+        weight = torch.zeros(64, 64, dtype=torch.float8_e4m3fn, device="cuda")
+        assert not kernels.upcast_lora_fits(weight, torch.float32)  # float32 compute keeps PyTorch's exact path
+        assert not kernels.upcast_lora_fits(weight.t(), torch.bfloat16)  # strided
