@@ -109,8 +109,8 @@ def merged_calls(model: nn.Module, x: dict) -> tuple[int, int]:
     fp8 matmuls never ask)."""
     modes, decide = [], Linear.lora_mode
 
-    def counting(self, *args):
-        mode = decide(self, *args)
+    def counting(self, *args, **kwargs):
+        mode = decide(self, *args, **kwargs)
         modes.extend([mode] if mode is not None else [])
         return mode
 

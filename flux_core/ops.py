@@ -165,7 +165,7 @@ class Linear(nn.Linear):
         if not parts[0].is_cuda or self.fp8_matmul or needs_grad(*parts):
             return self(torch.cat(parts, dim=-1))
         first, *rest = parts
-        mode = self.lora_mode(first, self.weight, gelu=False)
+        mode = self.lora_mode(first, self.weight, False)
         if mode == "side":
             return self(torch.cat(parts, dim=-1))
         weight, bias = self.call_weight(first, self.weight, self.bias, *self.lora_factors(first.dtype), mode)

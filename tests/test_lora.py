@@ -345,20 +345,22 @@ def test_fp8_loras_compile_without_graph_breaks(fp8_models, grid):
 
 
 class LoraCalls(TorchDispatchMode):
-    """Counts how the LoRAs of `model` are added: into a weight (addmm_(weight, up, down): the stored lora_down is
-    the second factor) or beside it (addmm_(output, hidden, up^T))."""
+    """Counts how the LoRAs of `model` are added: into a weight (addmm_(weight, up, down): a stored lora_down is the
+    second factor) or beside it (addmm_(output, hidden, up^T): a stored lora_up, or its rows). Other addmm_ calls
+    (linear2's accumulating GEMMs on CUDA) are not LoRAs."""
 
     def __init__(self, model: torch.nn.Module):
         super().__init__()
-        self.downs = {m.lora_down.data_ptr() for m in linears(model).values() if m.lora_down is not None}
+        layers = [m for m in linears(model).values() if m.lora_down is not None]
+        self.downs = {m.lora_down.untyped_storage().data_ptr() for m in layers}
+        self.ups = {m.lora_up.untyped_storage().data_ptr() for m in layers}
         self.merged = self.side = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func is torch.ops.aten.addmm_.default:
-            if args[2].data_ptr() in self.downs:
-                self.merged += 1
-            else:
-                self.side += 1
+            storage = args[2].untyped_storage().data_ptr()
+            self.merged += storage in self.downs
+            self.side += storage in self.ups
         return func(*args, **(kwargs or {}))
 
 
