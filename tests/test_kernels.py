@@ -20,7 +20,7 @@ pytestmark = pytest.mark.skipif(
     [(256, 512, 32, None, torch.float8_e4m3fn), (200, 300, 20, 0.37, torch.float8_e4m3fn),  # edges, odd rank
      (130, 257, 4, 2.5, torch.float8_e5m2), (64, 96, 128, None, torch.float8_e4m3fn)],
 )  # fmt: skip
-def test_upcast_with_a_lora_is_the_closed_form_rounded_once(rows, cols, rank, scale, stored):
+def test_upcast_lora_is_the_closed_form_rounded_once(rows, cols, rank, scale, stored):
     dtype = torch.float16 if INTERPRETED else torch.bfloat16
     generator = torch.Generator().manual_seed(rows + rank)
     weight = (2 * torch.randn(rows, cols, generator=generator)).to(stored)
@@ -28,7 +28,7 @@ def test_upcast_with_a_lora_is_the_closed_form_rounded_once(rows, cols, rank, sc
     down = (0.3 * torch.randn(rank, cols, generator=generator)).to(dtype)
     scale_tensor = None if scale is None else torch.tensor(scale, device=DEVICE)
     on = lambda t: t.to(DEVICE)  # noqa: E731
-    out = kernels.upcast(on(weight), scale_tensor, dtype, on(up), on(down)).cpu()
+    out = kernels.upcast_lora(on(weight), scale_tensor, on(up), on(down), dtype).cpu()
     expected = weight.double() * (1 if scale is None else scale) + up.double() @ down.double()
     assert out.dtype == dtype and out.shape == (rows, cols)
     ulp = torch.finfo(dtype).eps  # one rounding to the compute dtype, after a float32 accumulation
@@ -37,20 +37,9 @@ def test_upcast_with_a_lora_is_the_closed_form_rounded_once(rows, cols, rank, sc
     assert (lora > 8 * ulp * expected.abs()).any()  # the LoRA is large enough that leaving it out would fail
 
 
-@pytest.mark.parametrize("scale", [None, 0.37])
-@pytest.mark.parametrize("stored", [torch.float8_e4m3fn, torch.float8_e5m2])
-def test_upcast_alone_is_pytorchs_upcast_bit_for_bit(scale, stored):
-    """Without a LoRA the kernel replaces ops.Linear.upcast's weight.to(dtype) * scale: the same bits."""
-    dtype = torch.float16 if INTERPRETED else torch.bfloat16
-    weight = (3 * torch.randn(190, 270, generator=torch.Generator().manual_seed(3))).to(stored).to(DEVICE)
-    scale_tensor = None if scale is None else torch.tensor(scale, device=DEVICE)
-    expected = weight.to(dtype) if scale is None else weight.to(dtype) * scale_tensor
-    assert torch.equal(kernels.upcast(weight, scale_tensor, dtype), expected)
-
-
-def test_upcast_fits_only_where_the_kernel_runs():
-    assert not kernels.upcast_fits(torch.zeros(4, 4, dtype=torch.float8_e4m3fn), torch.bfloat16)  # CPU tensor
+def test_upcast_lora_fits_only_where_the_kernel_runs():
+    assert not kernels.upcast_lora_fits(torch.zeros(4, 4, dtype=torch.float8_e4m3fn), torch.bfloat16)  # CPU tensor
     if torch.cuda.is_available():
         weight = torch.zeros(64, 64, dtype=torch.float8_e4m3fn, device="cuda")
-        assert not kernels.upcast_fits(weight, torch.float32)  # float32 compute keeps PyTorch's exact path
-        assert not kernels.upcast_fits(weight.t(), torch.bfloat16)  # strided
+        assert not kernels.upcast_lora_fits(weight, torch.float32)  # float32 compute keeps PyTorch's exact path
+        assert not kernels.upcast_lora_fits(weight.t(), torch.bfloat16)  # strided
