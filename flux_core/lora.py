@@ -18,8 +18,8 @@ text_encoder., ...) patch the text encoders when they are given; T5 parts are re
 The model given is never changed: the patched one is its `Flux.twin()`, sharing every tensor it does not change. A
 patched layer with float weights gets a merged copy (the change computed in float32, rounded once); an fp8 or GGUF
 layer keeps its LoRAs low rank (ops.Linear lora_down / lora_up, stored in the compute dtype) and is never re-rounded:
-each call adds them into the weight it upcasts anyway, or runs them as a side path where that moves fewer bytes (few
-tokens, fp8 matmuls; see ops.Linear.merges_lora). Only a full-rank change (LoHa, LoKr, diff) makes it a merged layer in
+each call adds them into the weight it upcasts anyway (fp8 on a GPU with Triton: in the upcast's own pass), or runs
+them as a side path where that moves fewer bytes (few tokens, fp8 matmuls; see ops.Linear.lora_mode). Only a full-rank change (LoHa, LoKr, diff) makes it a merged layer in
 the compute dtype.
 """
 import copy

@@ -79,8 +79,8 @@ class Linear(nn.Linear):
     exactly F.linear. `rows` selects output features (a slice of the weight's rows), `gelu` applies GELU (tanh).
     A LoRA on a weight that must not be re-rounded (fp8, GGUF) is kept as `lora_down` (R, in) and `lora_up` (out, R)
     (non-persistent buffers in the compute dtype; see flux_core.lora), applied per call: added into the weight this
-    call upcasts anyway, in the compute dtype (see merges_lora), or as a side path adding x @ down^T @ up^T to the
-    output before the GELU.
+    call upcasts anyway, in the compute dtype (fp8 on a GPU with Triton: in the upcast's own kernel; see lora_mode),
+    or as a side path adding x @ down^T @ up^T to the output before the GELU.
     """
 
     fp8_matmul = False
