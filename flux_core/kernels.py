@@ -36,10 +36,12 @@ def _fp8_convertible(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device) >= (8, 9)
 
 
-def upcast_lora_fits(weight: Tensor, dtype: torch.dtype) -> bool:
-    """Whether `upcast_lora` takes this stored (float8) weight for a call computing in `dtype`."""
+def upcast_lora_fits(weight: Tensor, dtype: torch.dtype, rank: int) -> bool:
+    """Whether `upcast_lora` takes this stored (float8) weight and a rank-`rank` LoRA for a call computing in `dtype`
+    (ranks up to 128, run on an H200: larger ones' (128, R) and (R, 256) tiles may not fit on chip)."""
     return (
         TRITON
+        and rank <= 128
         and weight.is_cuda
         and dtype in (torch.bfloat16, torch.float16)
         and weight.is_contiguous()

@@ -139,7 +139,7 @@ class Linear(nn.Linear):
             return None
         if not self.merge_lora_per_call or needs_grad(x, weight, self.lora_down, self.lora_up):
             return "side"
-        if weight.dtype in FP8_DTYPES and kernels.upcast_lora_fits(weight, x.dtype):
+        if weight.dtype in FP8_DTYPES and kernels.upcast_lora_fits(weight, x.dtype, self.lora_down.shape[0]):
             return "fused"
         return "merge" if self.merges_lora(x, weight, gelu) else "side"
 

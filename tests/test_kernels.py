@@ -38,8 +38,10 @@ def test_upcast_lora_is_the_closed_form_rounded_once(rows, cols, rank, scale, st
 
 
 def test_upcast_lora_fits_only_where_the_kernel_runs():
-    assert not kernels.upcast_lora_fits(torch.zeros(4, 4, dtype=torch.float8_e4m3fn), torch.bfloat16)  # CPU tensor
+    assert not kernels.upcast_lora_fits(torch.zeros(4, 4, dtype=torch.float8_e4m3fn), torch.bfloat16, 4)  # CPU tensor
     if torch.cuda.is_available():
         weight = torch.zeros(64, 64, dtype=torch.float8_e4m3fn, device="cuda")
-        assert not kernels.upcast_lora_fits(weight, torch.float32)  # float32 compute keeps PyTorch's exact path
-        assert not kernels.upcast_lora_fits(weight.t(), torch.bfloat16)  # strided
+        assert not kernels.upcast_lora_fits(weight, torch.float32, 32)  # float32 compute keeps PyTorch's exact path
+        assert not kernels.upcast_lora_fits(weight.t(), torch.bfloat16, 32)  # strided
+        assert not kernels.upcast_lora_fits(weight, torch.bfloat16, 256)  # past the tiles' rank
+        assert kernels.upcast_lora_fits(weight, torch.bfloat16, 128) == (torch.cuda.get_device_capability() >= (8, 9))

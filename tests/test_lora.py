@@ -465,7 +465,8 @@ def test_fp8_loras_on_the_gpu_merged_per_call_side_paths_fp8_matmuls_compiled(tm
     x = tiny_inputs(PARAMS, rows=MANY[0], cols=MANY[1])  # float32: Flux embeds t before rounding (t rounded moves it)
     x = {k: None if v is None else v.cuda() for k, v in x.items()}
     error = lambda out: ((out.double().cpu() - expected).norm() / expected.norm()).item()  # noqa: E731
-    fused = kernels.upcast_lora_fits(patched.double_blocks[0].img_attn.qkv.weight.cuda(), torch.bfloat16)
+    qkv = patched.double_blocks[0].img_attn.qkv
+    fused = kernels.upcast_lora_fits(qkv.weight.cuda(), torch.bfloat16, qkv.lora_down.shape[0])
     with torch.inference_mode():
         with LoraCalls(patched) as calls:  # with Triton every call upcasts and adds its LoRA in one kernel
             merged = patched(**x)
