@@ -29,6 +29,7 @@ import torch.distributed as dist
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.gpu_profile import kernel_split  # noqa: E402
 from flux_core import parallel  # noqa: E402
 from flux_core.model import Flux, FluxParams, preset  # noqa: E402
 from flux_core.pipeline import Conditioning, sample  # noqa: E402
@@ -112,8 +113,6 @@ def bench_train(shape: dict, batch: int, device: torch.device, profile: str | No
     seconds, _ = timed(trainer.train_step, device, shape["train_steps"])
     losses = list(trainer.losses)
     if profile:
-        from bench.gpu_profile import kernel_split
-
         Path(profile).mkdir(parents=True, exist_ok=True)
         kernel_split(trainer.train_step, device, Path(profile), label)
     return seconds, losses
@@ -161,8 +160,6 @@ def profile_step(folder: str | None, model: Flux, shape: dict, size: int, device
     the GPU waited (on the CPU launching kernels, or on the other ranks)."""
     if not folder:
         return
-    from bench.gpu_profile import kernel_split
-
     inputs = forward_inputs(model, shape, size, device)
     with torch.inference_mode():
         sync(device)
