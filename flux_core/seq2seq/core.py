@@ -45,6 +45,15 @@ def position_ids(kind: str, length: int, n_axes: int) -> Tensor:
     raise ValueError(f"unknown token layout {kind!r}; use sequence, set or grid:HxW")
 
 
+def to_device(x: Tensor, device: str | torch.device) -> Tensor:
+    """x on `device`; a CPU tensor bound for a GPU goes through pinned memory, so the copy queues behind the GPU's
+    work instead of waiting for it (a pageable copy synchronises): the host runs ahead, preparing the next step."""
+    device = torch.device(device)
+    if device.type != "cuda" or x.device.type != "cpu":
+        return x.to(device)
+    return x.pin_memory().to(device, non_blocking=True)
+
+
 @dataclass
 class Layout:
     """How a run's tokens are placed and scaled; saved with the run so sampling rebuilds the same inputs."""
@@ -66,7 +75,8 @@ class Batch:
     y: Tensor | None = None  # (B, vec_in_dim) optional pooled vector
 
     def to(self, device: str | torch.device) -> "Batch":
-        return Batch(self.cond.to(device), self.data.to(device), None if self.y is None else self.y.to(device))
+        y = None if self.y is None else to_device(self.y, device)
+        return Batch(to_device(self.cond, device), to_device(self.data, device), y)
 
 
 class Task(Protocol):
@@ -90,7 +100,7 @@ class Seq2Seq:
     flow: FlowMatch
 
     def normalize(self, data: Tensor) -> Tensor:
-        mean, std = torch.tensor(self.layout.data_mean), torch.tensor(self.layout.data_std)
+        mean, std = (to_device(torch.tensor(v), data.device) for v in (self.layout.data_mean, self.layout.data_std))
         return (data - mean.to(data)) / std.to(data)
 
     def denormalize(self, x: Tensor) -> Tensor:
@@ -103,16 +113,16 @@ class Seq2Seq:
         if params.vec_in_dim and y is None:
             raise ValueError(f"this model was trained with a pooled vector y of width {params.vec_in_dim}: pass y")
         n_axes = len(params.axes_dim)
-        data_ids = position_ids(self.layout.data_ids, x.shape[1], n_axes).to(x.device)
-        cond_ids = position_ids(self.layout.cond_ids, cond.shape[1], n_axes).to(x.device)
+        data_ids = to_device(position_ids(self.layout.data_ids, x.shape[1], n_axes), x.device)
+        cond_ids = to_device(position_ids(self.layout.cond_ids, cond.shape[1], n_axes), x.device)
         return self.model(x, data_ids, cond, cond_ids, t, y)
 
     def loss(self, batch: Batch, t: Tensor, generator: torch.Generator, noise: Tensor | None = None) -> Tensor:
         """The flow-matching loss of a batch at times t (B,), noise drawn from `generator` (a CPU one, so a seed
         gives the same noise on every device) unless given."""
         x0 = self.normalize(batch.data)
-        noise = (torch.randn(x0.shape, generator=generator) if noise is None else noise).to(x0.device)
-        t = t.to(x0.device)
+        noise = to_device(torch.randn(x0.shape, generator=generator) if noise is None else noise, x0.device)
+        t = to_device(t, x0.device)
         return self.flow.loss(lambda x_t, t: self.predict(x_t, t, batch.cond, batch.y), x0, noise, t)
 
 

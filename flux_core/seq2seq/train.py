@@ -22,7 +22,7 @@ from tqdm import tqdm
 from ..checkpoint import load_safetensors, strip_prefix
 from ..model import Flux, FluxParams
 from ..sampling import FlowMatch
-from .core import MODEL_FILE, Batch, Layout, Seq2Seq, Task, read_params, save_run, write_atomic
+from .core import MODEL_FILE, Batch, Layout, Seq2Seq, Task, read_params, save_run, to_device, write_atomic
 
 STATE_FILE, TRAIN_STATE_FILE = "state.safetensors", "train_state.json"
 TIME_DISTRIBUTIONS = ("uniform", "logit_normal", "beta")  # FlowMatch.sample_t
@@ -142,9 +142,26 @@ class Trainer:
         self.data_rng = torch.Generator().manual_seed(config.seed)
         self.noise_rng = torch.Generator().manual_seed(config.seed + 1)
         self.step = 0
-        self.losses: list[float] = []  # per optimizer step
+        self._losses: list[float] = []  # per optimizer step, read back from the device
+        self._queued: list[tuple[torch.Tensor, torch.cuda.Event | None]] = []  # losses of steps it may still run
 
-    def train_step(self) -> float:
+    @property
+    def losses(self) -> list[float]:
+        """The loss of every optimizer step so far (reading it waits for the steps the device still runs)."""
+        return self._settle()
+
+    def _settle(self, keep: int = 0) -> list[float]:
+        """Read the queued losses but the newest `keep`, each waiting only for its own step's work."""
+        while len(self._queued) > keep:
+            loss, done = self._queued.pop(0)
+            if done is not None:
+                done.synchronize()
+            self._losses.append(loss.item())
+        return self._losses
+
+    def train_step(self) -> None:
+        """One optimizer step, queued without waiting for the device: the host draws the next batch while a GPU
+        runs this one (its loss lands in `losses`)."""
         cfg, model = self.config, self.run.model
         for group in self.optimizer.param_groups:
             group["lr"] = cfg.lr_at(self.step)
@@ -160,10 +177,11 @@ class Trainer:
             )
             noise = torch.randn(batch.data.shape, generator=self.noise_rng)
             batch = Batch(batch.cond[mine], batch.data[mine], None if batch.y is None else batch.y[mine])
+            t, noise = to_device(t[mine], self.device), to_device(noise[mine], self.device)
             last = i == cfg.grad_accum - 1  # DDP averages the accumulated gradients once, after the last
             with self.ddp.no_sync() if self.ddp and not last else contextlib.nullcontext():
                 with torch.autocast(self.device.type, torch.bfloat16, enabled=cfg.bf16):
-                    loss = run.loss(batch.to(self.device), t[mine], self.noise_rng, noise[mine]) / cfg.grad_accum
+                    loss = run.loss(batch.to(self.device), t, self.noise_rng, noise) / cfg.grad_accum
                 loss.backward()
             total += loss.detach()
         if self.world > 1:  # the global batch's loss: the mean of the equal shares'
@@ -174,8 +192,10 @@ class Trainer:
         self.optimizer.step()
         self.step += 1
         self._update_ema()
-        self.losses.append(total.item())
-        return self.losses[-1]
+        done = torch.cuda.Event() if total.is_cuda else None  # marks this step's end for _settle
+        self._queued.append((total.to("cpu", non_blocking=True), done))
+        if done is not None:
+            done.record()
 
     @torch.no_grad()
     def _update_ema(self) -> None:
@@ -190,7 +210,7 @@ class Trainer:
         with tqdm(total=end, initial=self.step, desc="train", unit="step", disable=not show) as bar:
             while self.step < end:
                 self.train_step()
-                bar.set_postfix_str(f"loss {self.recent_loss():.4f} (mean of last {LOSS_WINDOW} steps), "
+                bar.set_postfix_str(f"loss {self.recent_loss(wait=False):.4f} (mean of last {LOSS_WINDOW} steps), "
                                     f"lr {self.config.lr_at(self.step):.1e}")  # fmt: skip
                 bar.update()
                 if run_dir is not None and every and self.step % every == 0 and self.step < end:
@@ -198,9 +218,10 @@ class Trainer:
         if run_dir is not None:
             self.save(run_dir)
 
-    def recent_loss(self) -> float:
-        """The training loss averaged over the last LOSS_WINDOW steps (one step's loss is noisy)."""
-        recent = self.losses[-LOSS_WINDOW:]
+    def recent_loss(self, wait: bool = True) -> float:
+        """The training loss averaged over the last LOSS_WINDOW steps (one step's loss is noisy); wait=False leaves
+        out the newest step, which the device may still run."""
+        recent = self._settle(keep=0 if wait else 1)[-LOSS_WINDOW:]
         return sum(recent) / len(recent) if recent else math.nan
 
     def ema_run(self) -> Seq2Seq:
@@ -259,7 +280,7 @@ class Trainer:
         trainer.optimizer.load_state_dict({"state": optim_state, "param_groups": groups})
         trainer.data_rng.set_state(state["rng.data"].clone())
         trainer.noise_rng.set_state(state["rng.noise"].clone())
-        trainer.step, trainer.losses = progress["step"], progress["losses"]
+        trainer.step, trainer._losses = progress["step"], progress["losses"]
         return trainer
 
 
