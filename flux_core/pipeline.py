@@ -9,7 +9,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from . import parallel
 from .autoencoder import AutoEncoderParams
+from .graphs import GraphedForward, recordable
 from .model import Flux
 from .streaming import decode_on, encoders_on, transformer_on
 from .redux import Redux
@@ -81,6 +83,7 @@ def sample(
     noise: Tensor | None = None,
     callback: Callable[[int, int, Tensor], None] | None = None,
     image_cond: ImageCond | None = None,
+    cuda_graphs: bool | None = None,
 ) -> Tensor:
     """Euler sampling from `latent` noised to the schedule's first time; returns the scaled latent (B, 16, h, w).
 
@@ -89,7 +92,8 @@ def sample(
     a velocity and are averaged, weighted by their strength, as ComfyUI does for prompts without an area; prompts of
     one token length run in one batched forward. `flow` defaults to a shifted schedule for guidance-distilled
     models and the linear one otherwise (schnell), as the reference. `image_cond` carries the image inputs of
-    Kontext, Fill and Canny/Depth models (flux_core.tools).
+    Kontext, Fill and Canny/Depth models (flux_core.tools). `cuda_graphs` replays each step's forwards as CUDA graphs
+    (flux_core.graphs); by default on under flux_core.parallel.sequence_parallel, where the model is on the GPU.
     """
     check_sampling(steps, seed, guidance, cfg, denoise)
     check_latent(latent, channels=model.out_channels // 4)
@@ -118,6 +122,9 @@ def sample(
         g = torch.tensor(g, device=device).repeat_interleave(batch) if model.params.guidance_embed else None
         passes.append((idx, txt, y, g, text_ids(txt.shape[1]).to(device)))
     img_ids_ = image_ids(height, width).to(device)
+    if cuda_graphs is None:
+        cuda_graphs = parallel.current_group() is not None and recordable(model)
+    forward = GraphedForward(model) if cuda_graphs else model
 
     def velocity(x: Tensor, t: float) -> Tensor:
         out = [None] * len(conds)
@@ -125,7 +132,7 @@ def sample(
             copies = len(idx)
             t_vec = torch.full((batch * copies,), t, device=device)  # float32 time, as ComfyUI
             img, img_ids = image_cond.model_input(x if copies == 1 else x.repeat(copies, 1, 1), img_ids_)
-            v = model(img, img_ids, txt, txt_ids_, t_vec, y=y, guidance=g)[:, : x.shape[1]].float()  # generated tokens
+            v = forward(img, img_ids, txt, txt_ids_, t_vec, y=y, guidance=g)[:, : x.shape[1]].float()  # generated tokens
             for i, v_i in zip(idx, v.chunk(copies)):
                 out[i] = v_i
         v_pos = _weighted_mean(out[: len(pos)], pos)

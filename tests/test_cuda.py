@@ -1,5 +1,5 @@
 """The CUDA-only paths (GELU in the GEMM epilogue, split linear2, fp8 matmuls, compiled blocks, the channels-last
-AE) against the plain math they replace. Skipped without a GPU: run on one with `python -m pytest tests/test_cuda.py`."""
+AE, CUDA graphs, training without host syncs) against the plain math they replace. Skipped without a GPU: run on one with `python -m pytest tests/test_cuda.py`."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -7,8 +7,11 @@ from tiny_ae import random_ae_weights, tiny_ae_params
 from tiny_flux import tiny_inputs, tiny_params
 
 from flux_core.autoencoder import AutoEncoder
-from flux_core.model import Flux
+from flux_core.graphs import GraphedForward
+from flux_core.model import Flux, FluxParams
 from flux_core.ops import Linear, enable_fp8_matmul, fp8_linear, linear
+from flux_core.pipeline import Conditioning, sample
+from flux_core.seq2seq import ShapeTask, Trainer, TrainConfig
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 CUDA = "cuda"
@@ -166,3 +169,49 @@ def test_placing_a_second_transformer_unloads_the_first():
     assert not any(p.is_cuda for p in first.parameters()) and all(p.is_cuda for p in second.parameters())
     assert torch.cuda.memory_allocated() <= on_gpu and not placement_of(first).resident
     unload(second)
+
+
+def test_graphed_forward_replays_the_eager_forward():
+    params = tiny_params()
+    model = Flux(params).to(CUDA, torch.bfloat16).eval()
+    first = {k: v.to(CUDA, torch.bfloat16) for k, v in tiny_inputs(params, batch=2).items()}
+    second = {**first, "img": first["img"].flip(1), "timesteps": first["timesteps"] / 2}
+    forward = GraphedForward(model)
+    with torch.inference_mode():
+        expected = [model(**x) for x in (first, second)]
+        outputs = [forward(**x) for x in (first, second, first)]  # the first records, the others replay
+        wider = forward(**{**second, **{k: second[k].repeat(1, 2, 1) for k in ("img", "img_ids")}})
+    assert len(forward.graphs) == 2  # a new shape records its own graph
+    for actual, wanted in zip(outputs, (*expected, expected[0])):
+        torch.testing.assert_close(actual, wanted, rtol=1e-2, atol=1e-2)
+    assert not torch.equal(outputs[0], outputs[1])  # the replay saw the new inputs
+    assert wider.shape[1] == 2 * second["img"].shape[1]
+    with pytest.raises(ValueError, match="every weight of the model on one GPU"):
+        GraphedForward(Flux(params))
+
+
+def test_sampling_with_cuda_graphs_equals_eager_sampling():
+    params = tiny_params()
+    model = Flux(params).to(CUDA, torch.bfloat16).eval()
+    x = tiny_inputs(params)
+    cond = Conditioning(x["txt"], x["y"])
+    cond = Conditioning(cond.txt.to(CUDA, torch.bfloat16), cond.y.to(CUDA, torch.bfloat16))
+    eager, graphed = (sample(model, cond, torch.zeros(1, 16, 8, 6), seed=3, steps=4, cuda_graphs=graphs)
+                      for graphs in (False, True))  # fmt: skip
+    torch.testing.assert_close(graphed, eager, rtol=1e-2, atol=1e-2)
+
+
+def test_a_training_step_queues_without_waiting_for_the_gpu():
+    task = ShapeTask(num_points=16, train_points=8)
+    params = FluxParams(in_channels=2, out_channels=2, context_in_dim=4, vec_in_dim=0, hidden_size=64, mlp_ratio=2.0,
+                        num_heads=2, depth=1, depth_single_blocks=1, axes_dim=[8, 12, 12], theta=10_000, qkv_bias=True,
+                        guidance_embed=False)  # fmt: skip
+    trainer = Trainer(params, task, TrainConfig(steps=4, batch_size=4, warmup=1, bf16=True), device=CUDA)
+    trainer.train_step()  # the first step sets up (optimizer state, kernel choices)
+    torch.cuda.set_sync_debug_mode("error")  # any host-device synchronisation raises
+    try:
+        trainer.train_step()
+        trainer.train_step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert len(trainer.losses) == 3 and all(0 < loss < 10 for loss in trainer.losses)
