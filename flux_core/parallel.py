@@ -1,18 +1,26 @@
-"""One image on several devices: sequence parallelism over `torch.distributed` (Ulysses, DeepSpeed's scheme).
+"""One image on several devices: sequence parallelism over `torch.distributed`.
 
 Inside `sequence_parallel(group)`, every Flux forward splits its text and image tokens across the group's ranks
 (each rank runs its share through every block: modulation, norms, MLPs and projections are per token) and the
-joint attention runs over the whole sequence: one all-to-all trades each rank's tokens of all heads for all
-tokens of its heads, attention runs per head group, a second all-to-all sends the results back. RoPE is applied
-before the exchange, token by token, so the order the ranks' tokens meet in does not matter (attention has no mask).
-Every rank ends with the whole output. Token counts need not divide evenly (all_to_all_single takes uneven
-splits); the head count must divide by the group size. Every rank passes the same inputs, as in one process.
+joint attention runs over the whole sequence, by one of two schemes:
+  kv       every rank sends its tokens' keys and values to every other rank (one grouped exchange per block) and
+           attends with its own queries over all keys; queries and outputs never move (Llama 3's all-gather
+           context parallelism).
+  ulysses  (DeepSpeed's) one all-to-all trades each rank's tokens of all heads for all tokens of its heads,
+           attention runs per head group, a second all-to-all sends the results back.
+On 2 ranks both move the same bytes and kv makes one exchange per block where ulysses makes two: measured 1.69x
+against 1.62x one GPU's speed at 1024^2 (bench/distributed.py). Beyond 2 ranks kv's bytes grow with the rank count
+and ulysses' do not: "auto" takes kv for 2 ranks, ulysses for more (the head count must divide by the ranks).
+RoPE is applied before the exchange, token by token, so the order the ranks' tokens meet in does not matter
+(attention has no mask). Every rank ends with the whole output. Token counts need not divide evenly. Every rank
+passes the same inputs, as in one process.
 
     torch.distributed.init_process_group()          # under torchrun: NCCL on GPUs, gloo on CPUs
     with sequence_parallel():                       # the default group: every rank
         velocity = model(img, img_ids, txt, txt_ids, timesteps, y, guidance)
 """
 import contextlib
+import itertools
 from collections.abc import Iterator
 
 import torch
@@ -22,26 +30,34 @@ from torch import Tensor
 from . import math as flux_math
 from .ops import onednn_inference
 
-_active: list[dist.ProcessGroup] = []  # the groups of the open sequence_parallel contexts, read by Flux.forward
+SCHEMES = ("auto", "kv", "ulysses")
+_active: list[tuple[dist.ProcessGroup, str]] = []  # (group, scheme) of the open sequence_parallel contexts
 _attending: list["Shards"] = []  # the forwards whose blocks are running
 
 
 @contextlib.contextmanager
-def sequence_parallel(group: dist.ProcessGroup | None = None) -> Iterator[None]:
-    """Flux forwards inside this context run sequence-parallel over `group` (default: the whole world)."""
-    group = group or dist.group.WORLD
-    _active.append(group)
+def sequence_parallel(group: dist.ProcessGroup | None = None, scheme: str = "auto") -> Iterator[None]:
+    """Flux forwards inside this context run sequence-parallel over `group` (default: the whole world), attention
+    by `scheme` (see above)."""
+    if scheme not in SCHEMES:
+        raise ValueError(f"unknown sequence-parallel scheme {scheme!r}; use one of {', '.join(SCHEMES)}")
+    _active.append((group or dist.group.WORLD, scheme))
     try:
         yield
     finally:
         _active.pop()
 
 
+def current_group() -> dist.ProcessGroup | None:
+    """The group of the innermost open sequence_parallel context, None outside one."""
+    return _active[-1][0] if _active else None
+
+
 def shards(txt_len: int, img_len: int) -> "Shards | None":
     """This rank's share of a (txt_len + img_len)-token forward; None outside `sequence_parallel` or on one rank."""
-    if not _active or dist.get_world_size(_active[-1]) == 1:
+    if not _active or dist.get_world_size(_active[-1][0]) == 1:
         return None
-    return Shards(_active[-1], txt_len, img_len)
+    return Shards(*_active[-1], txt_len, img_len)
 
 
 def split_sizes(length: int, parts: int) -> list[int]:
@@ -53,10 +69,12 @@ class Shards:
     """The split of one forward's tokens: rank r holds text tokens txt_sizes[r] and image tokens img_sizes[r],
     laid out [its text | its image] as a whole-sequence forward lays out [text | image]."""
 
-    def __init__(self, group: dist.ProcessGroup, txt_len: int, img_len: int):
+    def __init__(self, group: dist.ProcessGroup, scheme: str, txt_len: int, img_len: int):
         self.group, self.world, self.rank = group, dist.get_world_size(group), dist.get_rank(group)
+        self.scheme = ("kv" if self.world == 2 else "ulysses") if scheme == "auto" else scheme
         self.txt_sizes, self.img_sizes = split_sizes(txt_len, self.world), split_sizes(img_len, self.world)
         self.sizes = [t + i for t, i in zip(self.txt_sizes, self.img_sizes)]  # tokens per rank
+        self.starts = [0, *itertools.accumulate(self.sizes)]  # rank r's tokens: starts[r]:starts[r + 1]
 
     def _mine(self, x: Tensor, sizes: list[int]) -> Tensor:
         return x.split(sizes, dim=1)[self.rank]
@@ -89,10 +107,39 @@ class Shards:
 
     def attention(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """(B, L_r, H, D) q, k, v of this rank's tokens -> (B, L_r, H*D): attention over every rank's tokens."""
+        if self.scheme == "kv":
+            return flux_math.local_attention(q, *self.gather_keys_values(q, k, v))
+        q, k, v_all = self.to_heads(q, k, v)
+        return self.to_tokens(flux_math.local_attention(q, k, v_all.to(v.dtype)))
+
+    def gather_keys_values(self, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """(B, L_r, H, D) this rank's q, k, v -> (B, L, H, D) every rank's keys and values, in rank order."""
+        batch, length, heads, dim = v.shape
+        # (L, B, H, D) buffers: each rank's tokens one contiguous slice, which the exchange fills in place. Keys in
+        # v's dtype (the attention's), unless the CPU path wants them float32.
+        k_dtype = k.dtype if onednn_inference(v, q, k) else v.dtype
+        keys, values = (v.new_empty(self.starts[-1], batch, heads, dim, dtype=d) for d in (k_dtype, v.dtype))
+        mine = slice(self.starts[self.rank], self.starts[self.rank + 1])
+        keys[mine], values[mine] = k.transpose(0, 1), v.transpose(0, 1)  # one copy each, casting on the way
+        exchange = []
+        for peer in (p for p in range(self.world) if p != self.rank):
+            theirs, peer_rank = slice(self.starts[peer], self.starts[peer + 1]), dist.get_global_rank(self.group, peer)
+            for buffer in (keys, values):  # both sides know the sizes: an empty share is neither sent nor awaited
+                if length:
+                    exchange.append(dist.P2POp(dist.isend, buffer[mine], peer_rank, self.group))
+                if theirs.stop > theirs.start:
+                    exchange.append(dist.P2POp(dist.irecv, buffer[theirs], peer_rank, self.group))
+        for request in dist.batch_isend_irecv(exchange) if exchange else ():  # one NCCL group: one kernel
+            request.wait()
+        return keys.transpose(0, 1), values.transpose(0, 1)
+
+    def to_heads(self, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Ulysses' first all-to-all: (B, L_r, H, D) q, k, v of this rank's tokens -> (B, L, h, D) of all tokens
+        for this rank's h = H / ranks heads."""
         batch, length, heads, dim = v.shape
         if heads % self.world:
             raise ValueError(f"sequence parallel needs the head count ({heads}) divisible by the ranks ({self.world})")
-        local, total = heads // self.world, sum(self.sizes)
+        local, total = heads // self.world, self.starts[-1]
         # The exchange's buffers: v's dtype, which the attention computes in, unless the CPU path wants float32 q, k
         # (then v rides along in float32, exactly, and is cast back). Laid out (destination, token, ...) so that each
         # rank receives each of q, k, v whole, (L, B, h, D) in rank order: no concatenation after, and a layout
@@ -106,13 +153,19 @@ class Shards:
         for i in range(3):
             dist.all_to_all_single(received[i].view(-1), send[i].view(-1), [n * per_token for n in self.sizes],
                                    [length * per_token] * self.world, group=self.group)  # fmt: skip
-        q, k, v_all = received.transpose(1, 2)  # each (B, L, h, D)
-        out = flux_math.local_attention(q, k, v_all.to(v.dtype))  # (B, L, h*D)
+        return received.transpose(1, 2)  # q, k, v each (B, L, h, D)
+
+    def to_tokens(self, out: Tensor) -> Tensor:
+        """Ulysses' second all-to-all: (B, L, h*D) attention output of this rank's heads -> (B, L_r, H*D) of its
+        tokens."""
+        batch, _, width = out.shape
+        length = self.sizes[self.rank]
         send = out.transpose(0, 1).contiguous()  # (L, B, h*D): each rank's tokens one slice (a view when B = 1)
-        received = send.new_empty(self.world, length, batch, local * dim)
+        received = send.new_empty(self.world, length, batch, width)
+        per_token = batch * width
         dist.all_to_all_single(received.view(-1), send.view(-1), [length * per_token] * self.world,
                                [n * per_token for n in self.sizes], group=self.group)  # fmt: skip
-        return received.permute(2, 1, 0, 3).reshape(batch, length, heads * dim)  # (B, L_r, W * h * D)
+        return received.permute(2, 1, 0, 3).reshape(batch, length, self.world * width)  # (B, L_r, W * h * D)
 
 
 @torch.compiler.disable  # one stable hook (no recompiles per forward); compiled blocks run the collectives eagerly

@@ -54,16 +54,22 @@ def _sequence_parallel_worker(rank: int) -> None:
         for grad in (False, True):  # the oneDNN CPU attention (float32 q, k) and SDPA
             with torch.set_grad_enabled(grad):
                 plain = model(**inputs)
-                with parallel.sequence_parallel():
-                    sharded = model(**inputs)
-            torch.testing.assert_close(sharded, plain, rtol=1e-5, atol=1e-5)
+                for scheme in ("kv", "ulysses"):
+                    with parallel.sequence_parallel(scheme=scheme):
+                        torch.testing.assert_close(model(**inputs), plain, rtol=1e-5, atol=1e-5)
             assert plain.abs().mean() > 0.1  # a real output, not zeros from a lost gather
     cond = Conditioning(inputs["txt"], inputs["y"])  # the sampler, as a library user runs it on several devices
     plain = image_sample(model, cond, torch.zeros(1, 16, 8, 6), seed=5, steps=2)
     with parallel.sequence_parallel():
         torch.testing.assert_close(image_sample(model, cond, torch.zeros(1, 16, 8, 6), seed=5, steps=2), plain)
-    with parallel.sequence_parallel(), pytest.raises(ValueError, match="divisible"):
-        _tiny_flux(num_heads=1, axes_dim=[32, 112, 112])(**tiny_inputs(model.params))  # 1 head on 2 ranks
+    one_head, inputs = _tiny_flux(num_heads=1, axes_dim=[32, 112, 112]), tiny_inputs(model.params)
+    with parallel.sequence_parallel(scheme="ulysses"), pytest.raises(ValueError, match="divisible"):
+        one_head(**inputs)  # 1 head on 2 ranks: ulysses splits heads, kv does not
+    plain = one_head(**inputs)
+    with parallel.sequence_parallel(scheme="kv"):
+        torch.testing.assert_close(one_head(**inputs), plain, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="unknown sequence-parallel scheme"), parallel.sequence_parallel(scheme="ring"):
+        pass
     if rank == 0:  # the hook is gone after the context: a rank alone runs the plain forward
         assert parallel.shards(5, 12) is None and parallel.flux_math.sequence_attention is None
 
