@@ -4,14 +4,16 @@
     torchrun --nproc-per-node 2 bench/distributed.py --small  # CPU: gloo, float32, tiny shapes (proves the script)
 
 Rank 0 first measures one device alone (before the process group forms), then every rank measures together:
-  train B    seq2seq training steps/s of one global batch of B: DDP over N ranks vs one process (loss curves compared)
+  train B    seq2seq training steps/s of one global batch of B, steps back to back: DDP over N ranks vs one process
+             (loss curves compared)
   images     a 16-image job (pipeline.sample, image i from seed i) split over the ranks vs one device (latents compared)
-  sp WxH     one sampling step (a forward) of one image, sequence-parallel (Ulysses) vs one device (outputs compared),
-             with the all-to-all bytes each rank sends per step and their time (the same all_to_all_single calls alone)
+  sp WxH     one sampling step (a forward) of one image, sequence-parallel vs one device (outputs compared), both as
+             pipeline.sample runs them (CUDA graphs; --eager: none), with the bytes each rank sends per step in its
+             attention exchanges and their time alone (--scheme: kv or ulysses; auto takes kv on 2 ranks)
 Ratios are speedups (one device's time / N devices' time). PyTorch's context_parallel (ring attention over DTensor)
-is not measured: in torch 2.13 it dispatches only the CUDA SDPA kernels (flash, memory-efficient, cuDNN), so it cannot
-run on the CPU with gloo where the tests run, and it sends every rank's K, V around the ring (N - 1 hops per layer)
-where Ulysses sends each token's q, k, v and output once.
+is not used: in torch 2.13 it dispatches only the CUDA SDPA kernels (flash, memory-efficient, cuDNN), so it cannot
+run on the CPU with gloo where the tests run; its ring passes every rank's K, V through N - 1 hops, the bytes of the
+kv scheme here, which makes one grouped exchange per block.
 """
 import argparse
 import datetime
@@ -31,6 +33,7 @@ sys.path.insert(0, str(REPO))
 
 from bench.gpu_profile import kernel_split  # noqa: E402
 from flux_core import parallel  # noqa: E402
+from flux_core.graphs import GraphedForward  # noqa: E402
 from flux_core.model import Flux, FluxParams, preset  # noqa: E402
 from flux_core.pipeline import Conditioning, sample  # noqa: E402
 from flux_core.sampling import grid_ids  # noqa: E402
@@ -102,7 +105,8 @@ class RandomPairs:
 
 
 def bench_train(shape: dict, batch: int, device: torch.device, profile: str | None, label: str) -> tuple[float, list]:
-    """Seconds per optimizer step (median after one) and the loss curve; with `profile`, one more step profiled."""
+    """Seconds per optimizer step (the mean of back-to-back steps after one) and the loss curve; with `profile`, one
+    more step profiled."""
     cond_len, data_len = shape["tokens"]
     width = shape["width"]
     params = preset("seq2seq-points", in_channels=width, out_channels=width, vec_in_dim=0, context_in_dim=width,
@@ -110,8 +114,14 @@ def bench_train(shape: dict, batch: int, device: torch.device, profile: str | No
     config = TrainConfig(steps=shape["train_steps"] + 1, batch_size=batch, warmup=1, lr=1e-4,
                          bf16=device.type == "cuda")  # fmt: skip
     trainer = Trainer(params, RandomPairs(cond_len, data_len, width), config, device=device)
-    seconds, _ = timed(trainer.train_step, device, shape["train_steps"])
-    losses = list(trainer.losses)
+    trainer.train_step()  # warm-up: kernels chosen, DDP's buckets built
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(shape["train_steps"]):  # back to back, as training runs: the host prepares step i+1 during i
+        trainer.train_step()
+    losses = list(trainer.losses)  # waits for the last step
+    sync(device)
+    seconds = (time.perf_counter() - start) / shape["train_steps"]
     if profile:
         Path(profile).mkdir(parents=True, exist_ok=True)
         kernel_split(trainer.train_step, device, Path(profile), label)
@@ -149,54 +159,63 @@ def forward_inputs(model: Flux, shape: dict, size: int, device: torch.device) ->
                 y=cond.y, guidance=torch.full((1,), 3.5, device=device))  # fmt: skip
 
 
-def bench_step(model: Flux, shape: dict, size: int, device: torch.device, repeats: int) -> tuple[float, torch.Tensor]:
+def bench_step(model: Flux, shape: dict, size: int, device: torch.device, repeats: int,
+               graphs: bool) -> tuple[float, torch.Tensor]:  # fmt: skip
     inputs = forward_inputs(model, shape, size, device)
+    forward = GraphedForward(model) if graphs else model  # the warm-up call records the graph
     with torch.inference_mode():
-        return timed(lambda: model(**inputs), device, repeats)
+        return timed(lambda: forward(**inputs), device, repeats)
 
 
-def profile_step(folder: str | None, model: Flux, shape: dict, size: int, device: torch.device, label: str) -> None:
+def profile_step(folder: str | None, model: Flux, shape: dict, size: int, device: torch.device, label: str,
+                 graphs: bool) -> None:  # fmt: skip
     """Kernel time by kind of one forward (bench/gpu_profile.py's table) against its wall time: the gap is time
     the GPU waited (on the CPU launching kernels, or on the other ranks)."""
     if not folder:
         return
     inputs = forward_inputs(model, shape, size, device)
+    forward = GraphedForward(model) if graphs else model
     with torch.inference_mode():
+        forward(**inputs)  # records the graph
         sync(device)
         start = time.perf_counter()
-        model(**inputs)
+        forward(**inputs)
         sync(device)
         print(f"[{label}] wall {(time.perf_counter() - start) * 1e3:.1f} ms (unprofiled)", flush=True)
         Path(folder).mkdir(parents=True, exist_ok=True)
-        kernel_split(lambda: model(**inputs), device, Path(folder), label)
+        kernel_split(lambda: forward(**inputs), device, Path(folder), label)
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-            model(**inputs)
+            forward(**inputs)
         table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12)
         (Path(folder) / f"cpu_{label}.txt").write_text(table)
 
 
-def all_to_all_cost(model: Flux, shape: dict, size: int, device: torch.device, repeats: int) -> tuple[float, float]:
-    """(MiB each rank sends per step, seconds) of one sequence-parallel forward's all_to_all_single calls, run alone
-    on buffers of the sizes Shards.attention exchanges."""
+def exchange_cost(model: Flux, shape: dict, size: int, device: torch.device, repeats: int,
+                  scheme: str) -> tuple[float, float]:  # fmt: skip
+    """(MiB each rank sends per step, seconds) of one sequence-parallel forward's attention exchanges, run alone
+    (Shards' own methods, with the copies into their buffers) on tensors of the step's sizes."""
     p, world, rank = model.params, dist.get_world_size(), dist.get_rank()
-    sizes = parallel.Shards(dist.group.WORLD, shape["txt"], (size // 16) ** 2).sizes
-    length, total = sizes[rank], sum(sizes)
-    local = p.num_heads // world * p.head_dim  # one token's elements in one head group
-    dtype = torch.float32 if device.type == "cpu" else model.compute_dtype  # the CPU path sends float32 q, k, v
-    new = lambda n: torch.empty(n, dtype=dtype, device=device)  # noqa: E731
-    qkv = 3 * local
-    there = (new(total * qkv), new(length * qkv * world), [n * qkv for n in sizes], [length * qkv] * world)
-    back = (new(length * local * world), new(total * local), [length * local] * world, [n * local for n in sizes])
+    shards = parallel.Shards(dist.group.WORLD, scheme, shape["txt"], (size // 16) ** 2)
+    length, total = shards.sizes[rank], sum(shards.sizes)
+    new = lambda *shape, dtype=model.compute_dtype: torch.randn(*shape, dtype=dtype, device=device)  # noqa: E731
+    q = k = new(1, length, p.num_heads, p.head_dim, dtype=torch.float32)  # q, k leave RoPE in float32
+    v, width = new(1, length, p.num_heads, p.head_dim), p.hidden_size
+    element = v.element_size()
+    if shards.scheme == "kv":
+        exchange = lambda: shards.gather_keys_values(q, k, v)  # noqa: E731
+        sent = (world - 1) * 2 * length * width * element  # its keys and values to every other rank
+    else:
+        out = new(1, total, width // world)
+        exchange = lambda: (shards.to_heads(q, k, v), shards.to_tokens(out))  # noqa: E731
+        sent = (world - 1) * (3 * length + (total - length)) * width // world * element  # q, k, v there, out back
     calls = p.depth + p.depth_single_blocks
 
-    def exchange():
+    def step():
         for _ in range(calls):
-            for out, inp, out_splits, in_splits in (there, back):
-                dist.all_to_all_single(out, inp, out_splits, in_splits)
+            exchange()
 
-    seconds, _ = timed(exchange, device, repeats)
-    sent = calls * (length * qkv * (world - 1) + (total - length) * local) * there[0].element_size()
-    return sent / 2**20, seconds
+    seconds, _ = timed(step, device, repeats)
+    return calls * sent / 2**20, seconds
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -207,13 +226,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--small", action="store_true", help="tiny shapes on the CPU with gloo")
     parser.add_argument("--only", nargs="*", default=["train", "images", "sp"], help="train, images, sp")
+    parser.add_argument("--sizes", nargs="*", type=int, help="one-image step sizes (default: the shape's)")
+    parser.add_argument("--repeats", type=int, help="timed runs of each one-image step (default: the shape's)")
     parser.add_argument("--json", help="write the results here (rank 0)")
     parser.add_argument("--compile", action="store_true", help="compile_blocks() on both sides of the image runs")
+    parser.add_argument("--eager", action="store_true", help="no CUDA graphs in the one-image steps (both sides)")
+    parser.add_argument("--scheme", default="auto", choices=parallel.SCHEMES, help="sequence-parallel attention")
     parser.add_argument("--profile", help="also profile one step of each one-image run; kernel tables to this folder")
     args = parser.parse_args()
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     cpu = args.small or not torch.cuda.is_available()
     shape = SHAPES["small" if args.small else "gpu"]
+    shape = {**shape, "repeats": args.repeats or shape["repeats"]}
     device = torch.device("cpu" if cpu else f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
     if cpu:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(world, 1)))
@@ -239,6 +263,7 @@ def main() -> None:
 
 def measure(args, shape: dict, device: torch.device, dtype: torch.dtype, rank: int, world: int) -> dict:
     results, only = {}, args.only
+    graphs = device.type == "cuda" and not args.eager  # as pipeline.sample runs sequence-parallel steps
     if "train" in only:
         for batch in shape["batches"]:  # the gradient all-reduce's bytes are per step: larger batches hide it
             label = f"train{batch}_{world}ranks_rank{rank}"
@@ -254,15 +279,15 @@ def measure(args, shape: dict, device: torch.device, dtype: torch.dtype, rank: i
                 dist.all_gather_object(everyone, {i: x.cpu() for i, x in latents.items()})
                 latents = {i: x for part in everyone for i, x in part.items()}
             results["images"] = (seconds, latents)
-        for size in shape["sizes"] if "sp" in only else ():
+        for size in (args.sizes or shape["sizes"]) if "sp" in only else ():
             if world == 1:
-                results[f"sp {size}"] = bench_step(model, shape, size, device, shape["repeats"])
-                profile_step(args.profile, model, shape, size, device, f"sp{size}_1rank")
+                results[f"sp {size}"] = bench_step(model, shape, size, device, shape["repeats"], graphs)
+                profile_step(args.profile, model, shape, size, device, f"sp{size}_1rank", graphs)
             else:
-                with parallel.sequence_parallel():
-                    seconds, out = bench_step(model, shape, size, device, shape["repeats"])
-                    profile_step(args.profile, model, shape, size, device, f"sp{size}_{world}ranks_rank{rank}")
-                cost = all_to_all_cost(model, shape, size, device, shape["repeats"])
+                with parallel.sequence_parallel(scheme=args.scheme):
+                    seconds, out = bench_step(model, shape, size, device, shape["repeats"], graphs)
+                    profile_step(args.profile, model, shape, size, device, f"sp{size}_{world}ranks_rank{rank}", graphs)
+                cost = exchange_cost(model, shape, size, device, shape["repeats"], args.scheme)
                 results[f"sp {size}"] = (seconds, out, cost)
     return results
 
@@ -280,7 +305,7 @@ def report(single: dict, together: dict, world: int) -> list[dict]:
         else:
             check = f"output max rel diff {relative_error(result, base):.1e}"
             mib, comm = extra[0]
-            check += f"; all-to-all {mib:.1f} MiB/rank/step in {comm * 1e3:.1f} ms"
+            check += f"; exchange {mib:.1f} MiB/rank/step in {comm * 1e3:.1f} ms"
             what = f"one image {name[3:]}^2 step"
         speedup = base_seconds / seconds
         target = TARGETS.get(name.split()[0] if name.startswith("train") else name, math.nan)
