@@ -190,8 +190,8 @@ def profile_step(folder: str | None, model: Flux, shape: dict, size: int, device
         (Path(folder) / f"cpu_{label}.txt").write_text(table)
 
 
-def exchange_cost(model: Flux, shape: dict, size: int, device: torch.device, repeats: int,
-                  scheme: str) -> tuple[float, float]:  # fmt: skip
+def exchange_cost(model: Flux, shape: dict, size: int, device: torch.device, repeats: int, scheme: str,
+                  graphs: bool) -> tuple[float, float]:  # fmt: skip
     """(MiB each rank sends per step, seconds) of one sequence-parallel forward's attention exchanges, run alone
     (Shards' own methods, with the copies into their buffers) on tensors of the step's sizes."""
     p, world, rank = model.params, dist.get_world_size(), dist.get_rank()
@@ -202,7 +202,7 @@ def exchange_cost(model: Flux, shape: dict, size: int, device: torch.device, rep
     v, width = new(1, length, p.num_heads, p.head_dim), p.hidden_size
     element = v.element_size()
     if shards.scheme == "kv":
-        exchange = lambda: shards.gather_keys_values(q, k, v)  # noqa: E731
+        exchange = lambda: [request.wait() for request in shards.exchange_keys_values(q, k, v)[2]]  # noqa: E731
         sent = (world - 1) * 2 * length * width * element  # its keys and values to every other rank
     else:
         out = new(1, total, width // world)
@@ -214,6 +214,12 @@ def exchange_cost(model: Flux, shape: dict, size: int, device: torch.device, rep
         for _ in range(calls):
             exchange()
 
+    if graphs:  # as the step runs them
+        step()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+        step = graph.replay
     seconds, _ = timed(step, device, repeats)
     return calls * sent / 2**20, seconds
 
@@ -287,7 +293,7 @@ def measure(args, shape: dict, device: torch.device, dtype: torch.dtype, rank: i
                 with parallel.sequence_parallel(scheme=args.scheme):
                     seconds, out = bench_step(model, shape, size, device, shape["repeats"], graphs)
                     profile_step(args.profile, model, shape, size, device, f"sp{size}_{world}ranks_rank{rank}", graphs)
-                cost = exchange_cost(model, shape, size, device, shape["repeats"], args.scheme)
+                cost = exchange_cost(model, shape, size, device, shape["repeats"], args.scheme, graphs)
                 results[f"sp {size}"] = (seconds, out, cost)
     return results
 

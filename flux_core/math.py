@@ -79,6 +79,26 @@ def local_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
 
 
+def partial_attention_fits(q: Tensor, k: Tensor, v: Tensor) -> bool:
+    """Inference on a GPU whose cuDNN attention returns log-sum-exps (sm80+, bf16/fp16, head dim <= 128)."""
+    if not v.is_cuda or v.dtype not in (torch.bfloat16, torch.float16) or v.shape[-1] > 128 or needs_grad(q, k, v):
+        return False
+    return torch.backends.cudnn.is_available() and torch.cuda.get_device_capability(v.device) >= (8, 0)
+
+
+def partial_attention(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """(B, H, Lq, D) q over a part of the keys, (B, H, Lk, D) k, v -> (B, H, Lq, D) output and (B, H, Lq, 1) float32
+    log-sum-exp of its scores: parts over disjoint keys merge into attention over all of them (merge_attention)."""
+    out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True)[:2]
+    return out, lse.reshape(*out.shape[:3], 1)
+
+
+def merge_attention(a: Tensor, lse_a: Tensor, b: Tensor, lse_b: Tensor) -> Tensor:
+    """Attention over the keys of two parts, from each part's output and log-sum-exp: the softmax weights split
+    exp(lse_a) : exp(lse_b), so the result is b + sigmoid(lse_a - lse_b) * (a - b), one fused lerp."""
+    return torch.lerp(b, a, torch.sigmoid(lse_a - lse_b).to(a.dtype))
+
+
 _MAX_SCORES = 2**26  # score elements per block (256 MB in float32)
 
 

@@ -5,12 +5,13 @@ Inside `sequence_parallel(group)`, every Flux forward splits its text and image 
 joint attention runs over the whole sequence, by one of two schemes:
   kv       every rank sends its tokens' keys and values to every other rank (one grouped exchange per block) and
            attends with its own queries over all keys; queries and outputs never move (Llama 3's all-gather
-           context parallelism).
+           context parallelism). On GPUs it attends over its own keys while the others' arrive, then over
+           theirs, and merges the two by their log-sum-exps.
   ulysses  (DeepSpeed's) one all-to-all trades each rank's tokens of all heads for all tokens of its heads,
            attention runs per head group, a second all-to-all sends the results back.
-On 2 ranks both move the same bytes and kv makes one exchange per block where ulysses makes two: measured 1.69x
-against 1.62x one GPU's speed at 1024^2 (bench/distributed.py). Beyond 2 ranks kv's bytes grow with the rank count
-and ulysses' do not: "auto" takes kv for 2 ranks, ulysses for more (the head count must divide by the ranks).
+On 2 ranks both move the same bytes, and kv makes one exchange per block where ulysses makes two, and hides it
+(bench/distributed.py). Beyond 2 ranks kv's bytes grow with the rank count and ulysses' do not: "auto" takes kv
+for 2 ranks, ulysses for more (the head count must divide by the ranks).
 RoPE is applied before the exchange, token by token, so the order the ranks' tokens meet in does not matter
 (attention has no mask). Every rank ends with the whole output. Token counts need not divide evenly. Every rank
 passes the same inputs, as in one process.
@@ -20,7 +21,6 @@ passes the same inputs, as in one process.
         velocity = model(img, img_ids, txt, txt_ids, timesteps, y, guidance)
 """
 import contextlib
-import itertools
 from collections.abc import Iterator
 
 import torch
@@ -74,7 +74,7 @@ class Shards:
         self.scheme = ("kv" if self.world == 2 else "ulysses") if scheme == "auto" else scheme
         self.txt_sizes, self.img_sizes = split_sizes(txt_len, self.world), split_sizes(img_len, self.world)
         self.sizes = [t + i for t, i in zip(self.txt_sizes, self.img_sizes)]  # tokens per rank
-        self.starts = [0, *itertools.accumulate(self.sizes)]  # rank r's tokens: starts[r]:starts[r + 1]
+        self.total = txt_len + img_len
 
     def _mine(self, x: Tensor, sizes: list[int]) -> Tensor:
         return x.split(sizes, dim=1)[self.rank]
@@ -107,31 +107,44 @@ class Shards:
 
     def attention(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """(B, L_r, H, D) q, k, v of this rank's tokens -> (B, L_r, H*D): attention over every rank's tokens."""
-        if self.scheme == "kv":
-            return flux_math.local_attention(q, *self.gather_keys_values(q, k, v))
-        q, k, v_all = self.to_heads(q, k, v)
-        return self.to_tokens(flux_math.local_attention(q, k, v_all.to(v.dtype)))
+        if self.scheme == "ulysses":
+            q, k, v_all = self.to_heads(q, k, v)
+            return self.to_tokens(flux_math.local_attention(q, k, v_all.to(v.dtype)))
+        keys, values, arriving = self.exchange_keys_values(q, k, v)
+        length = v.shape[1]
+        if not (length and keys.shape[1] > length and flux_math.partial_attention_fits(q, k, v)):
+            for request in arriving:
+                request.wait()
+            return flux_math.local_attention(q, keys, values)
+        # While the other ranks' keys arrive, attend over this rank's own; then over theirs, and merge the two.
+        heads_first = lambda t: t.transpose(1, 2)  # noqa: E731  (B, L, H, D) -> (B, H, L, D)
+        q = heads_first(q.to(v.dtype))
+        own = flux_math.partial_attention(q, heads_first(keys[:, :length]), heads_first(values[:, :length]))
+        for request in arriving:
+            request.wait()
+        theirs = flux_math.partial_attention(q, heads_first(keys[:, length:]), heads_first(values[:, length:]))
+        return flux_math.merge_attention(*own, *theirs).transpose(1, 2).flatten(2)
 
-    def gather_keys_values(self, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """(B, L_r, H, D) this rank's q, k, v -> (B, L, H, D) every rank's keys and values, in rank order."""
+    def exchange_keys_values(self, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, list]:
+        """(B, L_r, H, D) this rank's q, k, v -> (B, L, H, D) every rank's keys and values, this rank's first (the
+        order of keys means nothing to attention), and the exchange's requests, in flight: wait before reading."""
         batch, length, heads, dim = v.shape
         # (L, B, H, D) buffers: each rank's tokens one contiguous slice, which the exchange fills in place. Keys in
         # v's dtype (the attention's), unless the CPU path wants them float32.
         k_dtype = k.dtype if onednn_inference(v, q, k) else v.dtype
-        keys, values = (v.new_empty(self.starts[-1], batch, heads, dim, dtype=d) for d in (k_dtype, v.dtype))
-        mine = slice(self.starts[self.rank], self.starts[self.rank + 1])
-        keys[mine], values[mine] = k.transpose(0, 1), v.transpose(0, 1)  # one copy each, casting on the way
-        exchange = []
+        keys, values = (v.new_empty(self.total, batch, heads, dim, dtype=d) for d in (k_dtype, v.dtype))
+        keys[:length], values[:length] = k.transpose(0, 1), v.transpose(0, 1)  # one copy each, casting on the way
+        exchange, start = [], length
         for peer in (p for p in range(self.world) if p != self.rank):
-            theirs, peer_rank = slice(self.starts[peer], self.starts[peer + 1]), dist.get_global_rank(self.group, peer)
+            theirs, start = slice(start, start + self.sizes[peer]), start + self.sizes[peer]
+            peer_rank = dist.get_global_rank(self.group, peer)
             for buffer in (keys, values):  # both sides know the sizes: an empty share is neither sent nor awaited
                 if length:
-                    exchange.append(dist.P2POp(dist.isend, buffer[mine], peer_rank, self.group))
-                if theirs.stop > theirs.start:
+                    exchange.append(dist.P2POp(dist.isend, buffer[:length], peer_rank, self.group))
+                if self.sizes[peer]:
                     exchange.append(dist.P2POp(dist.irecv, buffer[theirs], peer_rank, self.group))
-        for request in dist.batch_isend_irecv(exchange) if exchange else ():  # one NCCL group: one kernel
-            request.wait()
-        return keys.transpose(0, 1), values.transpose(0, 1)
+        arriving = dist.batch_isend_irecv(exchange) if exchange else []  # one NCCL group: one kernel
+        return keys.transpose(0, 1), values.transpose(0, 1), arriving
 
     def to_heads(self, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Ulysses' first all-to-all: (B, L_r, H, D) q, k, v of this rank's tokens -> (B, L, h, D) of all tokens
@@ -139,7 +152,7 @@ class Shards:
         batch, length, heads, dim = v.shape
         if heads % self.world:
             raise ValueError(f"sequence parallel needs the head count ({heads}) divisible by the ranks ({self.world})")
-        local, total = heads // self.world, self.starts[-1]
+        local, total = heads // self.world, self.total
         # The exchange's buffers: v's dtype, which the attention computes in, unless the CPU path wants float32 q, k
         # (then v rides along in float32, exactly, and is cast back). Laid out (destination, token, ...) so that each
         # rank receives each of q, k, v whole, (L, B, h, D) in rank order: no concatenation after, and a layout

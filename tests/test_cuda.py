@@ -8,6 +8,7 @@ from tiny_flux import tiny_inputs, tiny_params
 
 from flux_core.autoencoder import AutoEncoder
 from flux_core.graphs import GraphedForward
+from flux_core.math import merge_attention, partial_attention, partial_attention_fits
 from flux_core.model import Flux, FluxParams
 from flux_core.ops import Linear, enable_fp8_matmul, fp8_linear, linear
 from flux_core.pipeline import Conditioning, sample
@@ -215,3 +216,15 @@ def test_a_training_step_queues_without_waiting_for_the_gpu():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert len(trainer.losses) == 3 and all(0 < loss < 10 for loss in trainer.losses)
+
+
+def test_attention_over_two_parts_of_the_keys_merges_into_attention_over_all():
+    q, k, v = (torch.randn(2, 3, n, 128, device=CUDA, dtype=torch.bfloat16) for n in (77, 154, 154))
+    k[:, :, :50] *= 2  # the first part's scores run larger: the parts weigh unequally
+    assert partial_attention_fits(q, k, v)
+    with torch.inference_mode():
+        parts = [partial_attention(q, k[:, :, cut], v[:, :, cut]) for cut in (slice(0, 50), slice(50, None))]
+        merged = merge_attention(*parts[0], *parts[1])
+    expected = F.scaled_dot_product_attention(q.double(), k.double(), v.double())
+    assert relative_error(merged, expected) < 8e-3
+    assert relative_error(parts[0][0], expected) > 0.1  # one part alone is not the answer
