@@ -124,7 +124,7 @@ class Linear(nn.Linear):
         per call. Never writes into the stored weight."""
         if mode == "fused":
             bias = None if bias is None else bias.to(x.dtype)
-            return kernels.upcast_lora(weight, self.weight_scale, up, down, x.dtype), bias
+            return kernels.upcast(weight, self.weight_scale, x.dtype, up, down), bias
         weight, bias = self.upcast(weight, bias, x.dtype)
         if mode == "merge":  # into this call's own weight, never the stored one; one GEMM
             weight.addmm_(up, down)
@@ -132,14 +132,14 @@ class Linear(nn.Linear):
 
     def lora_mode(self, x: Tensor, weight: Tensor, gelu: bool) -> str | None:
         """How this call applies its LoRA (stored `weight`, its rows): None without one; "fused": float8 weights on
-        a GPU with Triton upcast with the LoRA added in the same pass (kernels.upcast_lora: no bytes beyond the
+        a GPU with Triton upcast with the LoRA added in the same pass (kernels.upcast: no bytes beyond the
         upcast, so every layer takes it); "merge": added into the weight this call upcasts anyway, where that
         moves fewer bytes than the side path (merges_lora); else "side". Training keeps the side path."""
         if self.lora_up is None:
             return None
         if not self.merge_lora_per_call or needs_grad(x, weight, self.lora_down, self.lora_up):
             return "side"
-        if weight.dtype in FP8_DTYPES and kernels.upcast_lora_fits(weight, x.dtype, self.lora_down.shape[0]):
+        if weight.dtype in FP8_DTYPES and kernels.upcast_fits(weight, x.dtype, self.lora_down.shape[0]):
             return "fused"
         return "merge" if self.merges_lora(x, weight, gelu) else "side"
 
@@ -179,7 +179,9 @@ class Linear(nn.Linear):
 
     def upcast(self, weight: Tensor, bias: Tensor | None, dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
         """(weight, bias) as used at `dtype`: upcast (and scaled) if stored narrower, else as they are."""
-        if weight.dtype != dtype:
+        if weight.dtype in FP8_DTYPES and weight.dtype != dtype and kernels.upcast_fits(weight, dtype):
+            weight = kernels.upcast(weight, self.weight_scale, dtype)  # one pass (GPUs with Triton)
+        elif weight.dtype != dtype:
             weight = weight.to(dtype)
             if self.weight_scale is not None:  # a 0-dim float32 scale: applied in float32, rounded once
                 weight = weight * self.weight_scale

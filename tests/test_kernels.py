@@ -20,7 +20,7 @@ pytestmark = pytest.mark.skipif(
     [(256, 512, 32, None, torch.float8_e4m3fn), (200, 300, 20, 0.37, torch.float8_e4m3fn),  # edges, odd rank
      (130, 257, 4, 2.5, torch.float8_e5m2), (64, 96, 128, None, torch.float8_e4m3fn)],
 )  # fmt: skip
-def test_upcast_lora_is_the_closed_form_rounded_once(rows, cols, rank, scale, stored):
+def test_upcast_with_a_lora_is_the_closed_form_rounded_once(rows, cols, rank, scale, stored):
     dtype = torch.float16 if INTERPRETED else torch.bfloat16
     generator = torch.Generator().manual_seed(rows + rank)
     weight = (2 * torch.randn(rows, cols, generator=generator)).to(stored)
@@ -28,7 +28,7 @@ def test_upcast_lora_is_the_closed_form_rounded_once(rows, cols, rank, scale, st
     down = (0.3 * torch.randn(rank, cols, generator=generator)).to(dtype)
     scale_tensor = None if scale is None else torch.tensor(scale, device=DEVICE)
     on = lambda t: t.to(DEVICE)  # noqa: E731
-    out = kernels.upcast_lora(on(weight), scale_tensor, on(up), on(down), dtype).cpu()
+    out = kernels.upcast(on(weight), scale_tensor, dtype, on(up), on(down)).cpu()
     expected = weight.double() * (1 if scale is None else scale) + up.double() @ down.double()
     assert out.dtype == dtype and out.shape == (rows, cols)
     ulp = torch.finfo(dtype).eps  # one rounding to the compute dtype, after a float32 accumulation
@@ -37,11 +37,21 @@ def test_upcast_lora_is_the_closed_form_rounded_once(rows, cols, rank, scale, st
     assert (lora > 8 * ulp * expected.abs()).any()  # the LoRA is large enough that leaving it out would fail
 
 
-def test_upcast_lora_fits_only_where_the_kernel_runs():
-    assert not kernels.upcast_lora_fits(torch.zeros(4, 4, dtype=torch.float8_e4m3fn), torch.bfloat16, 4)  # CPU tensor
+@pytest.mark.parametrize("scale", [None, 0.37])
+def test_plain_upcast_is_pytorchs_upcast_bit_for_bit(scale):
+    dtype = torch.float16 if INTERPRETED else torch.bfloat16
+    weight = (2 * torch.randn(200, 300, generator=torch.Generator().manual_seed(0))).to(torch.float8_e4m3fn)
+    expected = weight.to(dtype) if scale is None else weight.to(dtype) * torch.tensor(scale)
+    scale_tensor = None if scale is None else torch.tensor(scale, device=DEVICE)
+    out = kernels.upcast(weight.to(DEVICE), scale_tensor, dtype).cpu()
+    assert out.dtype == dtype and torch.equal(out, expected)
+
+
+def test_upcast_fits_only_where_the_kernel_runs():
+    assert not kernels.upcast_fits(torch.zeros(4, 4, dtype=torch.float8_e4m3fn), torch.bfloat16, 4)  # CPU tensor
     if torch.cuda.is_available():
         weight = torch.zeros(64, 64, dtype=torch.float8_e4m3fn, device="cuda")
-        assert not kernels.upcast_lora_fits(weight, torch.float32, 32)  # float32 compute keeps PyTorch's exact path
-        assert not kernels.upcast_lora_fits(weight.t(), torch.bfloat16, 32)  # strided
-        assert not kernels.upcast_lora_fits(weight, torch.bfloat16, 256)  # past the tiles' rank
-        assert kernels.upcast_lora_fits(weight, torch.bfloat16, 128) == (torch.cuda.get_device_capability() >= (8, 9))
+        assert not kernels.upcast_fits(weight, torch.float32, 32)  # float32 compute keeps PyTorch's exact path
+        assert not kernels.upcast_fits(weight.t(), torch.bfloat16, 32)  # strided
+        assert not kernels.upcast_fits(weight, torch.bfloat16, 256)  # past the tiles' rank
+        assert kernels.upcast_fits(weight, torch.bfloat16, 128) == (torch.cuda.get_device_capability() >= (8, 9))

@@ -466,14 +466,14 @@ def test_fp8_loras_on_the_gpu_merged_per_call_side_paths_fp8_matmuls_compiled(tm
     x = {k: None if v is None else v.cuda() for k, v in x.items()}
     error = lambda out: ((out.double().cpu() - expected).norm() / expected.norm()).item()  # noqa: E731
     qkv = patched.double_blocks[0].img_attn.qkv
-    fused = kernels.upcast_lora_fits(qkv.weight.cuda(), torch.bfloat16, qkv.lora_down.shape[0])
+    fused = kernels.upcast_fits(qkv.weight.cuda(), torch.bfloat16, qkv.lora_down.shape[0])
     with torch.inference_mode():
         with LoraCalls(patched) as calls:  # with Triton every call upcasts and adds its LoRA in one kernel
             merged = patched(**x)
         assert error(merged) < 0.03
         assert (calls.merged, calls.side) == (0, 0) if fused else calls.merged > 0 and calls.side > 0
         with monkeypatch.context() as patch, LoraCalls(patched) as calls:
-            patch.setattr(kernels, "upcast_lora_fits", lambda *args: False)  # PyTorch's ops: merged where cheaper
+            patch.setattr(kernels, "upcast_fits", lambda *args: False)  # PyTorch's ops: merged where cheaper
             assert error(patched(**x)) < 0.03 and calls.merged > 0 and calls.side > 0
         with monkeypatch.context() as patch, LoraCalls(patched) as calls:
             patch.setattr(Linear, "merge_lora_per_call", False)
