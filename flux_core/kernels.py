@@ -44,7 +44,7 @@ def _fp8_convertible(device: torch.device) -> bool:
 
 def upcast_fits(weight: Tensor, dtype: torch.dtype, rank: int = 0) -> bool:
     """Whether `upcast` takes this stored (float8) weight, with a rank-`rank` LoRA (0: none), for a call computing in
-    `dtype` (ranks up to 128, run on an H200: larger ones' (128, R) and (R, 256) tiles may not fit on chip)."""
+    `dtype` (ranks up to 128, run on an H200: larger ones' (BLOCK_M, R) and (R, BLOCK_N) tiles may not fit on chip)."""
     return (
         TRITON
         and rank <= 128

@@ -179,7 +179,7 @@ class Linear(nn.Linear):
 
     def upcast(self, weight: Tensor, bias: Tensor | None, dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
         """(weight, bias) as used at `dtype`: upcast (and scaled) if stored narrower, else as they are."""
-        if weight.dtype in FP8_DTYPES and weight.dtype != dtype and kernels.upcast_fits(weight, dtype):
+        if weight.dtype in FP8_DTYPES and kernels.upcast_fits(weight, dtype):
             weight = kernels.upcast(weight, self.weight_scale, dtype)  # one pass (GPUs with Triton)
         elif weight.dtype != dtype:
             weight = weight.to(dtype)

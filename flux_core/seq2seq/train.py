@@ -22,7 +22,7 @@ from tqdm import tqdm
 from ..checkpoint import load_safetensors, strip_prefix
 from ..model import Flux, FluxParams
 from ..sampling import FlowMatch
-from .core import MODEL_FILE, Batch, Layout, Seq2Seq, Task, read_params, save_run, to_device, write_atomic
+from .core import MODEL_FILE, Batch, Layout, Seq2Seq, Task, read_params, save_run, write_atomic
 
 STATE_FILE, TRAIN_STATE_FILE = "state.safetensors", "train_state.json"
 TIME_DISTRIBUTIONS = ("uniform", "logit_normal", "beta")  # FlowMatch.sample_t
@@ -177,11 +177,10 @@ class Trainer:
             )
             noise = torch.randn(batch.data.shape, generator=self.noise_rng)
             batch = Batch(batch.cond[mine], batch.data[mine], None if batch.y is None else batch.y[mine])
-            t, noise = to_device(t[mine], self.device), to_device(noise[mine], self.device)
             last = i == cfg.grad_accum - 1  # DDP averages the accumulated gradients once, after the last
             with self.ddp.no_sync() if self.ddp and not last else contextlib.nullcontext():
                 with torch.autocast(self.device.type, torch.bfloat16, enabled=cfg.bf16):
-                    loss = run.loss(batch.to(self.device), t, self.noise_rng, noise) / cfg.grad_accum
+                    loss = run.loss(batch.to(self.device), t[mine], self.noise_rng, noise[mine]) / cfg.grad_accum
                 loss.backward()
             total += loss.detach()
         if self.world > 1:  # the global batch's loss: the mean of the equal shares'
